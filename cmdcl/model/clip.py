@@ -1,0 +1,240 @@
+"""CLIP-style image and text towers with OpenAI's parameter names.
+
+The modules mirror OpenAI CLIP's `model.py` key for key (and so open_clip's
+ViT models, which share the layout), so a real CLIP state dict loads with
+`load_state_dict(strict=True)`. Attention is written with
+`scaled_dot_product_attention` instead of `nn.MultiheadAttention`, which keeps
+the same parameter names but exports to ONNX as plain MatMul/Softmax.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TextConfig, VisionConfig
+
+
+class QuickGELU(nn.Module):
+    """The GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, causal: bool = False):
+        b, n, w = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block (CLIP's, reused for the spatio-temporal blocks)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, activation: str = "gelu"):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(width, hidden),
+                gelu=make_activation(activation),
+                c_proj=nn.Linear(hidden, width),
+            )
+        )
+
+    def forward(self, x, causal: bool = False):
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, activation: str, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_ratio, activation) for _ in range(layers)
+        )
+
+    def forward(self, x, causal: bool = False):
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT. `forward` returns every token, projected to the joint space."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        scale = cfg.width**-0.5
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(cfg.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid**2 + 1, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.activation)
+        self.ln_post = nn.LayerNorm(cfg.width)
+        self.proj = nn.Parameter(scale * torch.randn(cfg.width, cfg.output_dim))
+
+    def forward(self, images):
+        """images [N, 3, H, W] normalised -> tokens [N, 1 + grid*grid, output_dim].
+
+        Token 0 is the class token (CLIP's image embedding); the others are the
+        patch tokens passed through the same ln_post and projection.
+        """
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x) @ self.proj
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower. Its parameters sit at the top level of a CLIP state dict."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.activation)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(cfg.width**-0.5 * torch.randn(cfg.width, cfg.output_dim))
+
+    def forward(self, tokens):
+        """tokens [N, context_length] (end-of-text has the largest id) -> [N, output_dim]."""
+        x = self.token_embedding(tokens) + self.positional_embedding
+        x = self.ln_final(self.transformer(x, causal=True))
+        eot = tokens.argmax(dim=-1)
+        return x[torch.arange(x.shape[0]), eot] @ self.text_projection
+
+
+class CLIP(nn.Module):
+    """The frozen VLM: both towers, keys exactly as in an OpenAI CLIP state dict."""
+
+    def __init__(self, vision: VisionConfig, text: TextConfig):
+        super().__init__()
+        self.visual = VisionTransformer(vision)
+        self.text = TextTransformer(text)
+        self.logit_scale = nn.Parameter(torch.tensor(4.6052))
+
+    def encode_image(self, images):
+        return self.visual(images)[:, 0]
+
+    def encode_text(self, tokens):
+        return self.text(tokens)
+
+    # The text tower lives under `text.` here but at the top level in CLIP files.
+    def state_dict_openai(self) -> dict:
+        return {k.removeprefix("text."): v for k, v in self.state_dict().items()}
+
+    def load_state_dict_openai(self, state: dict) -> None:
+        text_keys = set(self.text.state_dict())
+        mapped = {(f"text.{k}" if k in text_keys else k): v for k, v in state.items()}
+        self.load_state_dict(mapped, strict=True)
+
+
+# Non-parameter entries OpenAI's JIT archives carry in their state dict.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def read_clip_state_dict(path: str | Path) -> dict:
+    """Read CLIP weights from a local file into an OpenAI-layout state dict.
+
+    Accepts OpenAI's TorchScript archives (ViT-B-16.pt), plain state dicts in
+    OpenAI or open_clip layout (`.pt`/`.bin`, optionally under "state_dict"
+    with DDP's "module." prefix) and `.safetensors` files. Nothing is unpickled:
+    TorchScript archives are read with torch.jit.load, plain files with
+    torch.load(weights_only=True).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such CLIP weights file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+    state.pop("attn_mask", None)  # open_clip keeps the causal mask as a buffer
+    return state
+
+
+def clip_configs_from_state_dict(state: dict) -> tuple[VisionConfig, TextConfig]:
+    """Infer the tower sizes from tensor shapes, as OpenAI's build_model does."""
+    width = state["visual.conv1.weight"].shape[0]
+    patch = state["visual.conv1.weight"].shape[-1]
+    layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+    grid = round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    vision = VisionConfig(
+        image_size=grid * patch,
+        patch_size=patch,
+        width=width,
+        layers=layers,
+        heads=width // 64,
+        output_dim=state["visual.proj"].shape[1],
+    )
+    text_width = state["ln_final.weight"].shape[0]
+    text = TextConfig(
+        context_length=state["positional_embedding"].shape[0],
+        vocab_size=state["token_embedding.weight"].shape[0],
+        width=text_width,
+        layers=len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}),
+        heads=text_width // 64,
+        output_dim=state["text_projection"].shape[1],
+    )
+    return vision, text
+
+
+def load_clip(path: str | Path) -> CLIP:
+    """Build a frozen CLIP from a local weights file (sizes read off the weights)."""
+    state = read_clip_state_dict(path)
+    clip = CLIP(*clip_configs_from_state_dict(state))
+    clip.load_state_dict_openai(state)
+    return clip.eval().requires_grad_(False)
+
+
+def tokenize(texts: list[str], context_length: int = 77) -> torch.Tensor:
+    """CLIP's BPE tokenizer, taken from open_clip (which ships the vocabulary)."""
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise ImportError(
+            "tokenizing prompts for the CLIP text tower needs open_clip "
+            "(pip install open_clip_torch); or initialise T from another text embedder"
+        ) from exc
+    return open_clip.tokenize(texts, context_length=context_length)

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec(Path("cmdcl/__init__.py").read_text().split("\n\n")[-1], version)  # __version__ = "..."
+
+setup(
+    name="cmdcl",
+    version=version["__version__"],
+    description="Deployment toolkit for CMDCL long-term action recognition: PyTorch model, ONNX/TensorRT export, fused kernels, streaming runtime",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cmdcl", "cmdcl.*"]),
+    include_package_data=True,
+    package_data={"cmdcl": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "click>=8",
+        "av>=12",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "tensorrt": ["tensorrt>=10.9"],
+        "gpu": ["onnxruntime-gpu>=1.18", "triton>=3.0"],
+        "clip": ["open_clip_torch", "safetensors"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cmdcl-demo=cmdcl.cli.demo:main",
+        ]
+    },
+)
