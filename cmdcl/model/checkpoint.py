@@ -67,11 +67,12 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain types ({first})") from None
+        detail = _unpickler_detail(str(exc))
+        if "global" in detail.lower():
+            raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain types ({detail})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(str(exc)) or type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a CMDCL checkpoint (no format tag {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -88,6 +89,20 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _unpickler_detail(message: str) -> str:
+    """The informative line of torch's long weights-only error message."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    for line in message.splitlines():
+        line = line.strip().removeprefix("WeightsUnpickler error:").strip()
+        if line and not line.startswith(boilerplate):
+            return line
+    return _first_line(message)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CMDCL:
     """Build the model a checkpoint describes and load its weights (eval mode)."""
     payload = read_checkpoint(path)
@@ -97,7 +112,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = {**payload["state_dict"], **payload["dictionaries"]}
         model.load_state_dict(state, strict=True)
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: checkpoint does not match the CMDCL model ({first})") from None
+        raise CheckpointError(f"{path}: checkpoint does not match the CMDCL model ({_first_line(str(exc))})") from None
     model.checkpoint_extra = payload.get("extra", {})
     return model.to(map_location).eval()

@@ -189,7 +189,8 @@ def read_clip_state_dict(path: str | Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    state = {k.removeprefix("module."): v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+    # "module.": DDP training checkpoints; "text.": this toolkit's own CLIP.state_dict().
+    state = {k.removeprefix("module.").removeprefix("text."): v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
     state.pop("attn_mask", None)  # open_clip keeps the causal mask as a buffer
     return state
 
