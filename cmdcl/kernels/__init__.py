@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .reference import causal_intervention_reference
 
-IMPLEMENTATIONS = ("torch",)
+IMPLEMENTATIONS = ("torch", "onnx")
 
 
 def causal_intervention(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float | None = None, impl: str = "torch"):
@@ -26,4 +26,8 @@ def causal_intervention(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: flo
         scale = head_dim**-0.5
     if impl == "torch":
         return causal_intervention_reference(q, kt, vt, kz, vz, log_prior, num_heads, scale)
+    if impl == "onnx":  # the reference, traced by torch.onnx.export as one cmdcl::CausalIntervention node
+        from ..export.intervention_node import causal_intervention_node
+
+        return causal_intervention_node(q, kt, vt, kz, vz, log_prior, num_heads, scale)
     raise ValueError(f"unknown causal_intervention impl {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
