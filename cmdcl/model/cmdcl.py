@@ -90,6 +90,13 @@ class CMDCL(nn.Module):
     # ---- the two halves ----------------------------------------------------------------
     def frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames [N, H, W, 3] -> tokens [N, S, D]. Independent per frame."""
+        return self.token_proj(self.vlm_tokens(frames))
+
+    def vlm_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB frames [N, H, W, 3] -> image-tower tokens [N, S, D_vlm]
+        (class token + g x g pooled patches), before the projection to D.
+        On a frozen copy of the tower these are the features the dictionaries
+        are built from (cmdcl.train.dictionaries)."""
         x = frames.permute(0, 3, 1, 2).float()
         x = (x - self.pixel_mean) / self.pixel_std
         tokens = self.video_encoder(x)  # [N, 1 + P*P, D_vlm]
@@ -100,7 +107,7 @@ class CMDCL(nn.Module):
             tokens = torch.cat([tokens[:, :1], patches.reshape(n, g * g, d)], dim=1)
         else:
             tokens = tokens[:, :1]
-        return self.token_proj(tokens)
+        return tokens
 
     def text_features(self) -> torch.Tensor:
         """T' [C, D]: the debiased label texts (textual back-door intervention)."""
