@@ -195,8 +195,12 @@ def read_clip_state_dict(path: str | Path) -> dict:
     return state
 
 
-def clip_configs_from_state_dict(state: dict) -> tuple[VisionConfig, TextConfig]:
-    """Infer the tower sizes from tensor shapes, as OpenAI's build_model does."""
+def clip_configs_from_state_dict(state: dict, activation: str = "quick_gelu") -> tuple[VisionConfig, TextConfig]:
+    """Infer the tower sizes from tensor shapes, as OpenAI's build_model does.
+
+    The activation cannot be read off the weights: OpenAI's models (and
+    open_clip's "-quickgelu" ones) use "quick_gelu", other open_clip models "gelu".
+    """
     width = state["visual.conv1.weight"].shape[0]
     patch = state["visual.conv1.weight"].shape[-1]
     layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
@@ -208,6 +212,7 @@ def clip_configs_from_state_dict(state: dict) -> tuple[VisionConfig, TextConfig]
         layers=layers,
         heads=width // 64,
         output_dim=state["visual.proj"].shape[1],
+        activation=activation,
     )
     text_width = state["ln_final.weight"].shape[0]
     text = TextConfig(
@@ -217,14 +222,15 @@ def clip_configs_from_state_dict(state: dict) -> tuple[VisionConfig, TextConfig]
         layers=len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}),
         heads=text_width // 64,
         output_dim=state["text_projection"].shape[1],
+        activation=activation,
     )
     return vision, text
 
 
-def load_clip(path: str | Path) -> CLIP:
+def load_clip(path: str | Path, activation: str = "quick_gelu") -> CLIP:
     """Build a frozen CLIP from a local weights file (sizes read off the weights)."""
     state = read_clip_state_dict(path)
-    clip = CLIP(*clip_configs_from_state_dict(state))
+    clip = CLIP(*clip_configs_from_state_dict(state, activation))
     clip.load_state_dict_openai(state)
     return clip.eval().requires_grad_(False)
 
