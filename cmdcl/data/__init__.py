@@ -1,0 +1,1 @@
+"""Reading data: video decoding (the one place the toolkit decodes video) and datasets."""
