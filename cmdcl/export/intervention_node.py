@@ -49,7 +49,8 @@ class CausalInterventionNode(torch.autograd.Function):
 
 
 def causal_intervention_node(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float):
-    return CausalInterventionNode.apply(q, kt, vt, kz, vz, log_prior, num_heads, scale)
+    # Under tracing `scale` may be a traced value (it comes from q.shape); the node needs a number.
+    return CausalInterventionNode.apply(q, kt, vt, kz, vz, log_prior, int(num_heads), float(scale))
 
 
 def intervention_function(opset: int) -> onnx.FunctionProto:

@@ -1,0 +1,228 @@
+"""What an exported CMDCL ONNX file says about itself, and its validation.
+
+`build_metadata` writes everything the runtime needs into `metadata_props`
+(string key -> string value; lists and dicts as JSON). `read_metadata` is the
+loader the runtime uses: it parses those values and checks that the graph is
+the one they describe (inputs, outputs, the CausalIntervention node and its
+local function, no dangling tensors), raising ModelFileError("<path>: ...")
+for a file that is missing, not ONNX, tampered with or from another tool.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from .. import __version__
+from ..model.config import CMDCLConfig
+from .intervention_node import DOMAIN, OP_TYPE, OP_VERSION
+
+FORMAT = "cmdcl-onnx"
+FORMAT_VERSION = 1
+NORMALIZATION = "inside_graph"  # the graph takes uint8 RGB 0..255 and applies mean/std itself
+DEFAULT_STREAM_FPS = 1.0  # stream mode: grid frames per second unless the checkpoint says otherwise
+
+_INT_KEYS = ("format_version", "num_frames", "image_size", "tokens_per_frame", "width", "opset")
+_BOOL_KEYS = ("multi_label", "visual_intervention")
+_JSON_KEYS = ("classes", "mean", "std", "sampling", "config")
+_STR_KEYS = ("format", "graph_role", "precision", "tokens_dtype", "normalization", "input_format", "resize",
+             "config_hash", "toolkit_version")
+REQUIRED_KEYS = _INT_KEYS + _BOOL_KEYS + _JSON_KEYS + _STR_KEYS
+
+
+class ModelFileError(ValueError):
+    """An ONNX file the runtime must not use; the message names the file and the problem."""
+
+
+def sampling_defaults(model) -> dict:
+    """How the runtime samples frames for this model; a checkpoint's extra["sampling"] overrides."""
+    f = model.cfg.num_frames
+    fps = DEFAULT_STREAM_FPS
+    sampling = {"num_frames": f, "video": "uniform", "stream_fps": fps, "window_seconds": f / fps,
+                "stride_frames": max(1, f // 2)}
+    extra = getattr(model, "checkpoint_extra", None) or {}
+    sampling.update(extra.get("sampling", {}))
+    return sampling
+
+
+def build_metadata(model, role: str, precision: str, opset: int) -> dict[str, str]:
+    cfg: CMDCLConfig = model.cfg
+    size = cfg.vision.image_size
+    values = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "graph_role": role,
+        "classes": list(model.class_names),
+        "num_frames": cfg.num_frames,
+        "image_size": size,
+        "tokens_per_frame": cfg.tokens_per_frame,
+        "width": cfg.width,
+        "multi_label": cfg.multi_label,
+        "visual_intervention": cfg.visual_intervention,
+        "input_format": f"uint8 RGB, channels last, {size}x{size}",
+        "normalization": NORMALIZATION,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "resize": "shorter side to image_size, centre crop",
+        "sampling": sampling_defaults(model),
+        "precision": precision,
+        "tokens_dtype": "float32",  # fp16 graphs cast inside, so I/O stays fp32
+        "opset": opset,
+        "config": cfg.to_dict(),
+        "config_hash": cfg.config_hash(),
+        "toolkit_version": __version__,
+    }
+    return {k: _encode(k, v) for k, v in values.items()}
+
+
+def _encode(key: str, value) -> str:
+    if key in _JSON_KEYS:
+        return json.dumps(value, sort_keys=True)
+    if key in _BOOL_KEYS:
+        return "true" if value else "false"
+    return str(value)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Parse and validate a CMDCL ONNX file's metadata and graph interface.
+
+    Returns the metadata with typed values (ints, bools, lists, dicts) plus
+    "path". Raises ModelFileError for anything the runtime could not trust.
+    """
+    path = Path(path)
+    proto = _load(path)
+    props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a CMDCL model file (metadata 'format' is {props.get('format')!r}, "
+                             f"expected {FORMAT!r}); export it with cmdcl-export")
+    missing = [k for k in REQUIRED_KEYS if k not in props]
+    if missing:
+        raise ModelFileError(f"{path}: metadata is missing: {', '.join(missing)}")
+    meta = {"path": path}
+    for key in REQUIRED_KEYS:
+        meta[key] = _decode(path, key, props[key])
+    _check_values(path, meta)
+    _check_graph(path, proto, meta)
+    return meta
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not a file")
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # protobuf DecodeError and friends carry no common base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"{path}: not a readable ONNX file ({first})") from None
+
+
+def _decode(path: Path, key: str, text: str):
+    try:
+        if key in _INT_KEYS:
+            return int(text)
+        if key in _BOOL_KEYS:
+            if text not in ("true", "false"):
+                raise ValueError(f"expected true or false, got {text!r}")
+            return text == "true"
+        if key in _JSON_KEYS:
+            return json.loads(text)
+        return text
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: metadata {key!r} is malformed ({exc})") from None
+
+
+def _check_values(path: Path, meta: dict) -> None:
+    def bad(problem):
+        raise ModelFileError(f"{path}: metadata {problem}")
+
+    if meta["format_version"] != FORMAT_VERSION:
+        bad(f"format_version {meta['format_version']} is not supported (this toolkit reads {FORMAT_VERSION})")
+    if meta["graph_role"] not in ("full", "frame_encoder", "head"):
+        bad(f"graph_role {meta['graph_role']!r} is not full, frame_encoder or head")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        bad("'classes' must be a non-empty list of strings")
+    for key in ("mean", "std"):
+        if not (isinstance(meta[key], list) and len(meta[key]) == 3 and all(isinstance(v, (int, float)) for v in meta[key])):
+            bad(f"{key!r} must be three numbers")
+    if meta["normalization"] != NORMALIZATION:
+        bad(f"normalization {meta['normalization']!r} is not {NORMALIZATION!r}")
+    if meta["precision"] not in ("fp32", "fp16"):
+        bad(f"precision {meta['precision']!r} is not fp32 or fp16")
+    if not isinstance(meta["sampling"], dict) or "num_frames" not in meta["sampling"]:
+        bad("'sampling' must be an object with num_frames")
+    try:
+        cfg = CMDCLConfig.from_dict(meta["config"])
+    except (ValueError, TypeError) as exc:
+        bad(f"'config' does not describe a CMDCL model ({exc})")
+    if cfg.config_hash() != meta["config_hash"]:
+        bad(f"config_hash {meta['config_hash']} does not match the recorded config ({cfg.config_hash()})")
+    for key, expected in (("num_frames", cfg.num_frames), ("image_size", cfg.vision.image_size),
+                          ("tokens_per_frame", cfg.tokens_per_frame), ("width", cfg.width),
+                          ("multi_label", cfg.multi_label), ("visual_intervention", cfg.visual_intervention)):
+        if meta[key] != expected:
+            bad(f"{key} {meta[key]!r} disagrees with the recorded config ({expected!r})")
+
+
+def expected_interface(meta: dict) -> tuple[dict, dict]:
+    """(inputs, outputs) of a graph: name -> (element type, shape; None = dynamic axis)."""
+    f, size, s, d, c = meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"], len(meta["classes"])
+    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
+    heads_out = {"logits": (f32, [None, c]), "embedding": (f32, [None, d])}
+    return {
+        "full": ({"frames": (u8, [None, f, size, size, 3])}, heads_out),
+        "frame_encoder": ({"frames": (u8, [None, size, size, 3])}, {"tokens": (f32, [None, s, d])}),
+        "head": ({"tokens": (f32, [None, f, s, d])}, heads_out),
+    }[meta["graph_role"]]
+
+
+def _describe(value: onnx.ValueInfoProto) -> tuple[int, list]:
+    tensor = value.type.tensor_type
+    return tensor.elem_type, [dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim]
+
+
+def _check_graph(path: Path, proto: onnx.ModelProto, meta: dict) -> None:
+    graph = proto.graph
+    inputs, outputs = expected_interface(meta)
+    for kind, values, expected in (("input", graph.input, inputs), ("output", graph.output, outputs)):
+        found = {v.name: _describe(v) for v in values}
+        if set(found) != set(expected):
+            raise ModelFileError(f"{path}: graph {kind}s are {sorted(found)}, expected {sorted(expected)} "
+                                 f"for a {meta['graph_role']} graph")
+        for name, (elem, shape) in expected.items():
+            got_elem, got_shape = found[name]
+            if got_elem != elem or got_shape != shape:
+                raise ModelFileError(
+                    f"{path}: graph {kind} {name!r} is {onnx.TensorProto.DataType.Name(got_elem)} {got_shape}, "
+                    f"expected {onnx.TensorProto.DataType.Name(elem)} {shape}"
+                )
+    _check_connected(path, graph)
+    needs_node = meta["visual_intervention"] and meta["graph_role"] != "frame_encoder"
+    if needs_node:
+        if not any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in graph.node):
+            raise ModelFileError(f"{path}: the {DOMAIN}::{OP_TYPE} node is missing from the graph")
+        if not any(fn.domain == DOMAIN and fn.name == OP_TYPE for fn in proto.functions):
+            raise ModelFileError(f"{path}: the local function {DOMAIN}::{OP_TYPE} is missing, so runtimes "
+                                 f"without the plugin cannot run the graph")
+        versions = {op.domain: op.version for op in proto.opset_import}
+        if versions.get(DOMAIN) != OP_VERSION:
+            raise ModelFileError(f"{path}: opset import for domain {DOMAIN!r} is {versions.get(DOMAIN)}, "
+                                 f"expected {OP_VERSION}")
+
+
+def _check_connected(path: Path, graph: onnx.GraphProto) -> None:
+    """Every node input and graph output is produced by something (catches removed nodes)."""
+    known = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    for node in graph.node:
+        missing = [name for name in node.input if name not in known]
+        if missing:
+            raise ModelFileError(f"{path}: graph is broken: node {node.name or node.op_type!r} reads "
+                                 f"{missing[0]!r}, which nothing produces (a node was removed or reordered)")
+        known.update(node.output)
+    for output in graph.output:
+        if output.name not in known:
+            raise ModelFileError(f"{path}: graph is broken: output {output.name!r} is produced by no node")

@@ -1,0 +1,195 @@
+"""CMDCL -> ONNX (DESIGN.md section 4).
+
+Three graphs, each a thin nn.Module around the model that the TorchScript
+exporter traces (`torch.onnx.export(..., dynamo=False)`, which calls
+`CausalInterventionNode.symbolic` for the fused op):
+
+    full           frames uint8 [B, F, H, W, 3] -> logits [B, C], embedding [B, D]
+    frame_encoder  frames uint8 [N, H, W, 3]    -> tokens [N, S, D]
+    head           tokens [B, F, S, D]          -> logits [B, C], embedding [B, D]
+
+T' and the intervention memories depend on no input: they are computed once
+here and enter the traced graphs as buffers, so the files hold those
+constants and none of the text / bias-dictionary / confounder-dictionary
+weights they come from.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..model.cmdcl import CMDCL
+from . import metadata
+from .fp16 import convert_to_fp16
+from .intervention_node import DOMAIN, OP_VERSION, intervention_function
+
+# LayerNormalization is one op from opset 17 on, which is what lets fp16
+# export keep it in fp32 (and the local function needs 15).
+MIN_OPSET = 17
+MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
+PRECISIONS = ("fp32", "fp16")
+ROLES = ("full", "frame_encoder", "head")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done as asked; the message is one line."""
+
+
+class FrameEncoderGraph(nn.Module):
+    def __init__(self, model: CMDCL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames):
+        # Cast first: TensorRT accepts a uint8 input only as the input of a Cast.
+        return self.model.frame_tokens(frames.float())
+
+
+class HeadGraph(nn.Module):
+    """The head with T' and the intervention memories as constant buffers."""
+
+    def __init__(self, model: CMDCL):
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            text_debiased = model.text_features()
+            memories = model.intervention_memories(text_debiased)
+        self.register_buffer("text_debiased", text_debiased)
+        for name, value in zip(("kt", "vt", "kz", "vz", "log_prior"), memories):
+            self.register_buffer(name, value)
+
+    def forward(self, tokens):
+        memories = (self.kt, self.vt, self.kz, self.vz, self.log_prior)
+        return self.model.classify(tokens, self.text_debiased, memories)
+
+
+class FullGraph(HeadGraph):
+    """Frames in: the frame encoder on every frame, then the head."""
+
+    def forward(self, frames):
+        b, f = frames.shape[:2]
+        tokens = self.model.frame_tokens(frames.float().flatten(0, 1))  # Cast first, as above
+        return super().forward(tokens.view(b, f, tokens.shape[1], tokens.shape[2]))
+
+
+def output_paths(out_path: str | Path, split: bool = True) -> dict[str, Path]:
+    """`<stem>.onnx`, `<stem>.frame_encoder.onnx`, `<stem>.head.onnx`."""
+    out_path = Path(out_path)
+    paths = {"model": out_path}
+    if split:
+        for role in ("frame_encoder", "head"):
+            paths[role] = out_path.with_name(f"{out_path.stem}.{role}.onnx")
+    return paths
+
+
+def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: str = "fp32", split: bool = True,
+                progress=None) -> dict[str, Path]:
+    """Export `model`; returns {"model": Path[, "frame_encoder": Path, "head": Path]}.
+
+    `progress`, if given, is called with a short description before each graph.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported: the graph needs opset >= {MIN_OPSET} (LayerNormalization, kept in "
+            f"fp32 for fp16; CastLike in the CausalIntervention function) and torch writes at most {MAX_OPSET}"
+        )
+    paths = output_paths(out_path, split)
+    for path in paths.values():
+        _check_writable(path)
+
+    model = copy.deepcopy(model).float().cpu().eval()
+    model.visual.impl = "onnx"  # trace the fused op as one cmdcl::CausalIntervention node
+    cfg = model.cfg
+    f, size, s, d = cfg.num_frames, cfg.vision.image_size, cfg.tokens_per_frame, cfg.width
+    example_frames = torch.randint(0, 256, (2, f, size, size, 3), dtype=torch.uint8)
+    graphs = {
+        "model": ("full", FullGraph(model), example_frames, ["frames"], ["logits", "embedding"]),
+        "frame_encoder": ("frame_encoder", FrameEncoderGraph(model), example_frames[0], ["frames"], ["tokens"]),
+        "head": ("head", HeadGraph(model), torch.randn(2, f, s, d), ["tokens"], ["logits", "embedding"]),
+    }
+    for key, path in paths.items():
+        role, module, example, inputs, outputs = graphs[key]
+        if progress:
+            progress(f"exporting {role} -> {path.name}")
+        proto = _trace(module, example, inputs, outputs, opset)
+        proto = _finish(proto, model, role, precision, opset)
+        _save(proto, path)
+    return paths
+
+
+def _check_writable(path: Path) -> None:
+    if path.is_dir():
+        raise ExportError(f"{path}: is a directory, not an output file")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path}: cannot write: directory {path.parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _trace(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str], opset: int) -> onnx.ModelProto:
+    """torch.onnx.export to memory, batch axes dynamic, constants folded."""
+    import io
+
+    buffer = io.BytesIO()
+    dynamic = {name: {0: "batch"} for name in inputs + outputs}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
+        torch.onnx.export(
+            module,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, opset: int) -> onnx.ModelProto:
+    """Add the local function, convert precision, attach metadata, check."""
+    has_node = any(n.domain == DOMAIN for n in proto.graph.node)
+    if has_node:
+        proto.functions.append(intervention_function(opset))
+        del proto.opset_import[:]
+        proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, OP_VERSION)])
+    if precision == "fp16":
+        proto = convert_to_fp16(proto)
+    proto.doc_string = f"CMDCL {role} graph exported by the cmdcl toolkit"
+    del proto.metadata_props[:]
+    for key, value in metadata.build_metadata(model, role, precision, opset).items():
+        proto.metadata_props.add(key=key, value=value)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ExportError(f"the exported {role} graph fails onnx.checker: {first}") from None
+    return proto
+
+
+def _save(proto: onnx.ModelProto, path: Path) -> None:
+    """Write atomically: a temporary file renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        onnx.save(proto, tmp)
+        tmp.replace(path)
+    except (OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{path}: cannot write: {exc}") from None
