@@ -1,0 +1,43 @@
+"""`cmdcl-eval`: accuracy / mAP of a checkpoint on a manifest or dataset folder."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .train import clean_errors
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="CMDCL checkpoint (cmdcl-train's output).")
+@click.option("--data", required=True, help="A CSV manifest, or a Breakfast/COIN/Charades folder.")
+@click.option("--split", default="test", type=click.Choice(["train", "test"]), help="Split of a dataset folder.")
+@click.option("--target", default="label", type=click.Choice(["label", "segments"]), help="Labels from the manifest's label column or its segments.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics (with the per-class table) as JSON.")
+@click.option("--batch-size", default=16, type=click.IntRange(min=1))
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips here.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, debug):
+    """Evaluate a checkpoint: top-1/top-5 accuracy (single-label) or mAP
+    (multi-label), with a per-class table. Labels must be among the
+    checkpoint's classes."""
+    from cmdcl.data.datasets import load_dataset
+    from cmdcl.model import load_checkpoint
+    from cmdcl.train.loop import evaluate, pick_device
+    from cmdcl.train.metrics import format_report
+
+    with clean_errors(debug):
+        model = load_checkpoint(ckpt)
+        dataset = load_dataset(data, split, model.class_names, target)
+        report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True)
+        report["checkpoint"], report["data"] = str(ckpt), dataset.source
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(report, f, indent=2)
+    click.echo(format_report(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`cmdcl-train`: train a CMDCL on a manifest or dataset folder (cmdcl.train.loop)."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+
+import click
+
+ERRORS = (ValueError, OSError, ImportError)  # ManifestError, CheckpointError and VideoError are handled too
+
+
+@contextlib.contextmanager
+def clean_errors(debug: bool):
+    """Turn expected failures (bad input files, missing extras) into one-line
+    click errors with exit status 1; `--debug` lets the traceback through."""
+    from cmdcl.data.video import VideoError
+
+    try:
+        yield
+    except (*ERRORS, VideoError) as exc:
+        if debug:
+            raise
+        raise click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--data", required=True, help="Training data: a CSV manifest, or a Breakfast/COIN/Charades folder (train split).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (OUT.resume holds the resume state).")
+@click.option("--preset", "preset_name", default="tiny", type=click.Choice(["tiny", "base"]), help="Model size.")
+@click.option("--epochs", default=10, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Global batch (split across torchrun processes).")
+@click.option("--frames", type=click.IntRange(min=1), help="Frames per video F [default: the preset's].")
+@click.option("--image-size", type=click.IntRange(min=16), help="Frame size in pixels [default: the preset's / the CLIP weights'].")
+@click.option("--lr", default=5e-4, type=float, help="Peak learning rate (AdamW).")
+@click.option("--encoder-lr-scale", default=0.1, type=float, help="Video encoder learning rate = lr x this.")
+@click.option("--weight-decay", default=0.05, type=float)
+@click.option("--warmup-epochs", default=1.0, type=float, help="Linear warm-up before the cosine decay.")
+@click.option("--seed", default=0, type=int, help="Seeds everything: CPU runs are bitwise repeatable.")
+@click.option("--ablation", default="none", type=click.Choice(["none", "no-textual", "no-visual", "no-both"]), help="Switch off the textual and/or visual intervention.")
+@click.option("--clip-weights", type=click.Path(exists=True, dir_okay=False), help="Local CLIP weights (OpenAI or open_clip file): the frozen VLM and the video encoder's init.")
+@click.option("--text-init", default="auto", type=click.Choice(["auto", "clip", "minilm", "random"]), help="How label texts T start (see README).")
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False), help="Class list, one name per line [default: classes.txt beside the manifest, else the labels found].")
+@click.option("--target", default="label", type=click.Choice(["label", "segments"]), help="'segments': multi-label atomic actions from the manifest's segments.")
+@click.option("--candidates", default=2, type=click.IntRange(min=1), help="Frames decoded per segment; training picks one at random each epoch.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips and VLM features here.")
+@click.option("--resume", is_flag=True, help="Continue from OUT.resume if it exists (same options).")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--val", "val_data", help="Manifest evaluated after training; its metrics go into the checkpoint.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(preset_name, val_data, debug, **options):
+    """Train CMDCL and write a checkpoint with class names and dictionaries.
+
+    Multi-GPU (or multi-process CPU): torchrun --nproc_per_node N $(which cmdcl-train) ...
+    """
+    from cmdcl.train.loop import TrainOptions, train
+
+    with clean_errors(debug):
+        opts = TrainOptions(preset=preset_name, val=val_data, **options)
+        command = shlex.join(["cmdcl-train", *sys.argv[1:]])
+        model = train(opts, command=command)
+    extra = model.checkpoint_extra
+    if extra["history"]:
+        last = extra["history"][-1]
+        click.echo(f"epoch {last['epoch']}: loss {last['loss']:.4f}, train accuracy {last['accuracy']:.3f}")
+    if "val" in extra["metrics"]:
+        from cmdcl.train.metrics import format_report
+
+        click.echo(format_report(extra["metrics"]["val"]))
+    click.echo(f"wrote {opts.out}")
+
+
+if __name__ == "__main__":
+    main()

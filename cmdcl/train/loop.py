@@ -1,0 +1,371 @@
+"""Training and evaluation of CMDCL (`cmdcl-train`, `cmdcl-eval`).
+
+Recipe: videos are decoded once into uint8 clips (cached on disk with
+`cache_dir`); the training clips hold `candidates` frames per segment, and
+each epoch picks one of them at random per segment (segment-based random
+offsets on a fixed sub-grid), evaluation uses the centred frame of each
+segment. The dictionaries V_P and Z are k-means over the frozen image tower's
+tokens of the training frames (cmdcl.train.dictionaries); the frozen tower is
+the video encoder as initialised (CLIP with --clip-weights, otherwise the
+seeded random tower: see the README). AdamW with a lower learning rate for
+the video encoder, linear warm-up then cosine decay per step, bf16 autocast on
+GPU. Every random choice comes from `seed` and the epoch number, so a run is
+bitwise repeatable on CPU and `resume` continues exactly where the last
+completed epoch left off. Under `torchrun` (WORLD_SIZE > 1) it runs
+DistributedDataParallel (NCCL on GPU, gloo on CPU), each process taking its
+share of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import load_dataset
+from ..data.manifest import VideoDataset
+from ..model import CMDCL, CMDCLConfig, load_clip, preset, save_checkpoint
+from .dictionaries import build_dictionaries, extract_features
+from .metrics import classification_report
+from .text_init import resolve_method, text_init
+
+ABLATIONS = {
+    "none": {},
+    "no-textual": {"textual_intervention": False},
+    "no-visual": {"visual_intervention": False},
+    "no-both": {"textual_intervention": False, "visual_intervention": False},
+}
+RESUME_FORMAT = "cmdcl-resume"
+
+
+@dataclass
+class TrainOptions:
+    data: str  # manifest or dataset folder (its train split)
+    out: str  # checkpoint path; the resume state goes to `out + ".resume"`
+    preset: str = "tiny"
+    epochs: int = 10
+    batch_size: int = 8  # global: split across processes under torchrun
+    frames: int | None = None  # F (default: the preset's)
+    image_size: int | None = None  # default: the preset's (or the CLIP weights')
+    lr: float = 5e-4
+    encoder_lr_scale: float = 0.1  # video encoder lr = lr * this
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    ablation: str = "none"
+    clip_weights: str | None = None
+    text_init: str = "auto"
+    classes: str | None = None  # class list file (default: the dataset's)
+    target: str = "label"  # "segments": multi-label atomic actions from a manifest
+    candidates: int = 2  # frames decoded per segment for random offsets
+    cache_dir: str | None = None
+    resume: bool = False
+    device: str = "auto"
+    val: str | None = None  # manifest evaluated after training, stored in the checkpoint
+
+
+# ---- data ------------------------------------------------------------------------------------
+def _cache_key(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def _dataset_fingerprint(dataset: VideoDataset) -> tuple:
+    return tuple((str(e.path), e.path.stat().st_size, e.path.stat().st_mtime_ns) for e in dataset.entries)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def decode_clips(dataset: VideoDataset, num_frames: int, size: int, cache_dir: str | None = None, progress: bool = False) -> torch.Tensor:
+    """uint8 [N, num_frames, size, size, 3]: centred frames of num_frames
+    equal segments of each video, decoded once (and cached in `cache_dir`)."""
+    from tqdm import tqdm
+
+    from ..data.video import read_clip
+
+    cache = None
+    if cache_dir:
+        cache = Path(cache_dir) / f"clips-{_cache_key(_dataset_fingerprint(dataset), num_frames, size)}.pt"
+        if cache.is_file():
+            return torch.load(cache, weights_only=True)
+    clips = torch.empty(len(dataset.entries), num_frames, size, size, 3, dtype=torch.uint8)
+    for i, entry in enumerate(tqdm(dataset.entries, desc="decoding", disable=not progress, unit="video")):
+        clips[i] = torch.from_numpy(read_clip(entry.path, num_frames, size).frames)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save(clips, cache)
+    return clips
+
+
+def epoch_sampling(seed: int, epoch: int, num_videos: int, num_frames: int, candidates: int):
+    """(video order [N], frame index into the candidate clips [N, F]) for one epoch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_videos, generator=generator)
+    picks = torch.randint(0, candidates, (num_videos, num_frames), generator=generator)
+    return order, torch.arange(num_frames) * candidates + picks
+
+
+# ---- model ---------------------------------------------------------------------------------
+def model_config(opts: TrainOptions, multi_label: bool, clip=None) -> CMDCLConfig:
+    if opts.ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, not {opts.ablation!r}")
+    d = preset(opts.preset).to_dict()
+    if clip is not None:
+        d["vision"], d["text"] = dataclasses.asdict(clip.visual.cfg), dataclasses.asdict(clip.text.cfg)
+    if opts.image_size:
+        d["vision"]["image_size"] = opts.image_size
+    if opts.frames:
+        d["num_frames"] = opts.frames
+    d.update(ABLATIONS[opts.ablation], multi_label=multi_label)
+    return CMDCLConfig.from_dict(d)
+
+
+def build_model(opts: TrainOptions, dataset: VideoDataset, with_text_init: bool = True, progress: bool = False) -> tuple[CMDCL, str]:
+    """A seeded, untrained CMDCL for `dataset`, and the text-init method used."""
+    clip = load_clip(opts.clip_weights) if opts.clip_weights else None
+    if clip is not None and opts.image_size and opts.image_size != clip.visual.cfg.image_size:
+        raise ValueError(f"--image-size {opts.image_size} differs from the CLIP weights' {clip.visual.cfg.image_size}")
+    cfg = model_config(opts, dataset.multi_label, clip)
+    method = resolve_method(opts.text_init, clip is not None) if with_text_init else "random"
+    if progress and method == "random" and opts.text_init == "auto":
+        import click
+
+        click.echo("warning: no text embedder installed (pip install 'cmdcl[train]'); label texts T start random", err=True)
+    init = text_init(dataset.classes, cfg.embed_dim, method, clip)
+    torch.manual_seed(opts.seed)
+    model = CMDCL.from_clip(cfg, dataset.classes, clip, init) if clip is not None else CMDCL(cfg, dataset.classes, init)
+    return model, method
+
+
+def param_groups(model: CMDCL, opts: TrainOptions) -> list[dict]:
+    """Video encoder at lr * encoder_lr_scale; no weight decay on 1-D parameters."""
+    groups = {}
+    for name, p in model.named_parameters():
+        encoder = name.startswith("video_encoder.")
+        decay = p.ndim >= 2
+        key = (encoder, decay)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": opts.lr * (opts.encoder_lr_scale if encoder else 1.0),
+                "weight_decay": opts.weight_decay if decay else 0.0,
+            }
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), starting the process group under torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+# ---- training ------------------------------------------------------------------------------
+def _dictionaries(model: CMDCL, clips: torch.Tensor, data_key: tuple, opts: TrainOptions, device, progress: bool) -> dict:
+    """Dictionaries from the frozen (as-initialised) tower; features cached on disk."""
+    cache = None
+    if opts.cache_dir:
+        tower = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.video_encoder.state_dict().values())).hexdigest()[:16]
+        cache = Path(opts.cache_dir) / f"features-{_cache_key(tower, data_key, clips.shape, model.cfg.token_grid)}.pt"
+    if cache is not None and cache.is_file():
+        features = torch.load(cache, weights_only=True)
+    else:
+        model.eval()
+        features = extract_features(model, clips.flatten(0, 1), device=device, progress=progress)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_save(features, cache)
+    return build_dictionaries(features, model.cfg.num_bias, model.cfg.num_confounders, opts.seed, progress)
+
+
+def _check_resume(state: dict, opts: TrainOptions, path: Path) -> None:
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path}: not a cmdcl-train resume file")
+    saved = state["options"]
+    for key in ("preset", "epochs", "batch_size", "frames", "image_size", "lr", "seed", "ablation", "candidates", "target"):
+        if saved.get(key) != getattr(opts, key):
+            raise ValueError(f"{path}: cannot resume: it was trained with {key}={saved.get(key)!r}, not {getattr(opts, key)!r}")
+
+
+def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_after: int | None = None) -> CMDCL:
+    """Train, writing `opts.out` (checkpoint) and `opts.out.resume` after every epoch.
+
+    `stop_after`: end this run after that many epochs (as an interruption would);
+    a later run with `resume=True` finishes the schedule. Returns the model (eval
+    mode) with `checkpoint_extra` as written to the checkpoint.
+    """
+    from tqdm import tqdm
+
+    rank, world = _distributed()
+    main_process = rank == 0
+    show = progress and main_process
+    device = pick_device(opts.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if opts.batch_size % world:
+        raise ValueError(f"--batch-size {opts.batch_size} must be divisible by the {world} processes")
+    if opts.candidates < 1:
+        raise ValueError("candidates must be >= 1")
+
+    dataset = load_dataset(opts.data, "train", opts.classes, opts.target)
+    out = Path(opts.out)
+    resume_path = out.with_name(out.name + ".resume")
+    resume_state = None
+    if opts.resume and resume_path.is_file():
+        resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        _check_resume(resume_state, opts, resume_path)
+    # Only the main process needs the text embedder and the dictionaries:
+    # DDP copies its parameters and buffers to the others.
+    fresh = main_process and resume_state is None
+    model, method = build_model(opts, dataset, with_text_init=fresh, progress=show)
+    cfg = model.cfg
+    size, num_frames, candidates = cfg.vision.image_size, cfg.num_frames, opts.candidates
+    clips = decode_clips(dataset, num_frames * candidates, size, opts.cache_dir, show)
+    targets = dataset.targets(cfg.multi_label)
+    steps_per_epoch = len(dataset.entries) // opts.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{dataset.source}: {len(dataset.entries)} videos are fewer than one batch of {opts.batch_size}")
+
+    model.to(device)
+    if fresh:
+        dictionaries = _dictionaries(model, clips, _dataset_fingerprint(dataset), opts, device, show)
+        model.set_dictionaries(*(dictionaries[k].to(device) for k in ("bias_dict", "bias_prior", "conf_dict", "conf_prior")))
+    optimizer = torch.optim.AdamW(param_groups(model, opts))
+    total = steps_per_epoch * opts.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(round(opts.warmup_epochs * steps_per_epoch), total))
+    start_epoch, history = 0, []
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch, history, method = resume_state["epoch"], resume_state["history"], resume_state["text_init"]
+
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ablated = not (cfg.textual_intervention and cfg.visual_intervention)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=ablated)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    local_batch = opts.batch_size // world
+
+    end_epoch = opts.epochs if stop_after is None else min(opts.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, end_epoch):
+        model.train()
+        order, frame_index = epoch_sampling(opts.seed, epoch, len(dataset.entries), num_frames, candidates)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, videos (this process)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", disable=not show, unit="batch")
+        for step in bar:
+            batch = order[step * opts.batch_size : (step + 1) * opts.batch_size][rank::world]
+            frames = clips[batch[:, None], frame_index[batch]].to(device)
+            y = targets[batch].to(device)
+            with autocast:
+                logits, _ = net(frames)
+            loss = model.loss(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            top1 = logits.argmax(dim=1)
+            correct = (y[torch.arange(len(y)), top1] > 0) if cfg.multi_label else (top1 == y)
+            totals += torch.tensor([loss.item() * len(batch), correct.sum().item(), len(batch)], dtype=torch.float64)
+            bar.set_postfix(loss=f"{totals[0] / totals[2]:.3f}", acc=f"{totals[1] / totals[2]:.3f}")
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        history.append({"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(), "accuracy": totals[1].item() / totals[2].item()})
+        if main_process:
+            extra = _extra(opts, command, method, history, dataset)
+            save_checkpoint(model, out, extra)
+            _atomic_save(
+                {
+                    "format": RESUME_FORMAT,
+                    "epoch": epoch + 1,
+                    "options": dataclasses.asdict(opts),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "text_init": method,
+                },
+                resume_path,
+            )
+
+    model.checkpoint_extra = _extra(opts, command, method, history, dataset)
+    if main_process and opts.val and end_epoch == opts.epochs:
+        val = load_dataset(opts.val, "test", dataset.classes, opts.target)
+        report = evaluate(model, val, cache_dir=opts.cache_dir, device=device, progress=show)
+        model.checkpoint_extra["metrics"]["val"] = report
+        save_checkpoint(model, out, model.checkpoint_extra)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return model.eval()
+
+
+def _extra(opts: TrainOptions, command: str, method: str, history: list, dataset: VideoDataset, metrics: dict | None = None) -> dict:
+    return {
+        "command": command,
+        "options": dataclasses.asdict(opts),
+        "text_init": method,
+        "frozen_vlm": "CLIP image tower from --clip-weights" if opts.clip_weights else f"video encoder as initialised with seed {opts.seed} (no pretrained VLM)",
+        "train_data": dataset.source,
+        "train_videos": len(dataset.entries),
+        "history": history,
+        "metrics": metrics or {},
+    }
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: CMDCL, clips: torch.Tensor, batch_size: int = 16, device="cpu", progress: bool = False) -> torch.Tensor:
+    """Logits [N, C] for uint8 clips [N, F, H, W, 3]."""
+    from tqdm import tqdm
+
+    model.eval().to(device)
+    out = []
+    for start in tqdm(range(0, len(clips), batch_size), desc="evaluating", disable=not progress, unit="batch"):
+        out.append(model(clips[start : start + batch_size].to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, batch_size: int = 16, device="cpu", progress: bool = False) -> dict:
+    """Metrics of `model` on `dataset` (centred frames), see cmdcl.train.metrics."""
+    if dataset.classes != model.class_names:
+        raise ValueError(f"{dataset.source}: its classes differ from the model's ({len(dataset.classes)} vs {len(model.class_names)})")
+    clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, progress)
+    logits = predict(model, clips, batch_size, device, progress)
+    return classification_report(model.probabilities(logits), dataset.targets(model.cfg.multi_label), model.cfg.multi_label, model.class_names)
