@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .reference import causal_intervention_reference
 
-IMPLEMENTATIONS = ("torch", "onnx")
+IMPLEMENTATIONS = ("torch", "onnx", "triton")
 
 
 def causal_intervention(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float | None = None, impl: str = "torch"):
@@ -30,4 +30,8 @@ def causal_intervention(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: flo
         from ..export.intervention_node import causal_intervention_node
 
         return causal_intervention_node(q, kt, vt, kz, vz, log_prior, num_heads, scale)
+    if impl == "triton":  # the fused Triton kernel: CUDA tensors (or CPU under TRITON_INTERPRET=1)
+        from .triton_kernel import causal_intervention_triton
+
+        return causal_intervention_triton(q, kt, vt, kz, vz, log_prior, num_heads, scale)
     raise ValueError(f"unknown causal_intervention impl {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")

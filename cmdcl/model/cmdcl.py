@@ -87,6 +87,15 @@ class CMDCL(nn.Module):
                 raise ValueError(f"{name} must be {list(current.shape)}, got {list(value.shape)}")
             current.copy_(value)
 
+    def set_intervention_impl(self, impl: str) -> None:
+        """Run the fused intervention op with `impl` ("torch", or "triton" for
+        the fused kernel on CUDA; see cmdcl.kernels.IMPLEMENTATIONS)."""
+        from ..kernels import IMPLEMENTATIONS
+
+        if impl not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown intervention impl {impl!r}; available: {', '.join(IMPLEMENTATIONS)}")
+        self.visual.impl = impl
+
     # ---- the two halves ----------------------------------------------------------------
     def frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 RGB frames [N, H, W, 3] -> tokens [N, S, D]. Independent per frame."""
