@@ -37,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "cmdcl-demo=cmdcl.cli.demo:main",
+            "cmdcl-build=cmdcl.cli.build:main",
             "cmdcl-train=cmdcl.cli.train:main",
             "cmdcl-eval=cmdcl.cli.eval:main",
             "cmdcl-synth=cmdcl.cli.synth:main",

@@ -1,0 +1,57 @@
+"""`cmdcl-build`: an exported CMDCL ONNX file -> TensorRT engine(s)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="Engine file to write [default: MODEL.plan]; a JSON sidecar ENGINE.json goes next to it.")
+@click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Engine precision; LayerNorm and softmax stay fp32.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Largest batch of the optimisation profile (min 1).")
+@click.option("--opt-batch", default=None, type=click.IntRange(min=1),
+              help="Batch TensorRT tunes for [default: --max-batch].")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache: read if it exists, updated after the build.")
+@click.option("--split/--no-split", default=True, show_default=True,
+              help="Also build MODEL.frame_encoder.onnx and MODEL.head.onnx when they exist "
+                   "(-> ENGINE-stem.frame_encoder.plan, ENGINE-stem.head.plan).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split, debug):
+    """Build a TensorRT engine from an ONNX file written by cmdcl-export.
+
+    Registers the cmdcl::CausalIntervention plugin (fused Triton kernel,
+    compiled ahead of time into the engine, so trtexec and C++ can run it),
+    parses the graph, adds a batch profile and writes the engine with a JSON
+    sidecar (metadata, TensorRT version, GPU, precision). Needs TensorRT
+    >= 10.9 and an NVIDIA GPU; the engine runs only on that GPU model.
+    """
+    from tqdm import tqdm
+
+    from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, split_pairs
+
+    engine = engine or onnx_path.with_suffix(".plan")
+    pairs = split_pairs(onnx_path, engine) if split else [(onnx_path, engine)]
+    try:
+        for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr, disable=len(pairs) == 1):
+            build_engine(part, plan, precision=precision, max_batch=max_batch, timing_cache=timing_cache, opt_batch=opt_batch)
+            click.echo(f"wrote {plan}")
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, EngineBuildError):
+            message = f"unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
+        click.echo(f"cmdcl-build: error: {message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Build TensorRT engines from exported CMDCL ONNX files (DESIGN.md section 4).
+
+`build_engine` registers the `cmdcl::CausalIntervention` plugin first (so
+TensorRT's parser runs the fused Triton kernel instead of inlining the
+node's ONNX local function), parses the file, adds one optimisation profile
+over the batch axis (min 1 / opt / max), sets the precision, and writes the
+engine plus a JSON sidecar `<engine>.json` with the ONNX metadata and the
+build's TensorRT version, GPU and precision. Engines are specific to the GPU
+model and TensorRT version that built them.
+
+Reduced precision: on TensorRT 10.x (weakly typed networks) fp16/bf16 are
+builder flags, and LayerNorm and softmax layers are pinned to fp32 with
+precision constraints. TensorRT 11 only builds strongly typed networks: the
+precision is the ONNX file's own, so an fp16 engine needs an fp16 export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+SPLIT_ROLES = ("frame_encoder", "head")
+INSTALL_HINT = "pip install 'tensorrt>=10.9,<11' on a machine with an NVIDIA GPU"
+
+
+class EngineBuildError(RuntimeError):
+    """An engine cannot be built; the message is one line naming the cause."""
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """`model.plan` -> `model.plan.json`."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def split_pairs(onnx_path: str | Path, engine_path: str | Path) -> list[tuple[Path, Path]]:
+    """(onnx, engine) for the model and for each split graph exported next to it:
+    `<stem>.frame_encoder.onnx` -> `<engine stem>.frame_encoder.plan`, same for `head`."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    pairs = [(onnx_path, engine_path)]
+    for role in SPLIT_ROLES:
+        part = onnx_path.with_name(f"{onnx_path.stem}.{role}.onnx")
+        if part.is_file():
+            pairs.append((part, engine_path.with_name(f"{engine_path.stem}.{role}{engine_path.suffix}")))
+    return pairs
+
+
+def import_tensorrt():
+    """The tensorrt module, or EngineBuildError saying how to get it."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise EngineBuildError(f"TensorRT is not installed ({INSTALL_HINT})") from None
+    if not hasattr(tensorrt, "Builder"):  # PyPI's meta-package without its libraries
+        raise EngineBuildError(f"the installed tensorrt package has no runtime libraries ({INSTALL_HINT})")
+    return tensorrt
+
+
+def cuda_device() -> tuple[str, str]:
+    """(GPU name, compute capability 'major.minor') of the current CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EngineBuildError("no CUDA GPU: TensorRT builds an engine for the GPU it runs on, and none is visible")
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    precision: str = "fp16",
+    max_batch: int = 32,
+    timing_cache: str | Path | None = None,
+    opt_batch: int | None = None,
+) -> Path:
+    """Build `engine_path` from `onnx_path`; returns the engine path.
+
+    Dimension 0 of every input (batch, or frames for the frame encoder) gets
+    the profile min 1 / opt `opt_batch` (default `max_batch`) / max `max_batch`.
+    `timing_cache` is read if it exists and written back after the build.
+    """
+    from .metadata import ModelFileError, read_metadata
+
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    opt_batch = opt_batch or max_batch
+    if precision not in PRECISIONS:
+        raise EngineBuildError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if not 1 <= opt_batch <= max_batch:
+        raise EngineBuildError(f"need 1 <= opt batch ({opt_batch}) <= max batch ({max_batch})")
+    if not onnx_path.is_file():
+        raise EngineBuildError(f"{onnx_path}: no such file")
+    trt = import_tensorrt()
+    gpu_name, capability = cuda_device()
+    try:
+        metadata = read_metadata(onnx_path)
+    except ModelFileError as error:
+        raise EngineBuildError(str(error)) from None
+    from ..kernels.tensorrt_plugin import PLUGIN_ID, register_plugin
+
+    try:
+        register_plugin()
+    except ImportError as error:
+        raise EngineBuildError(f"TensorRT {trt.__version__} has no usable tensorrt.plugin (needs >= 10.9): {error}") from None
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    weakly_typed = hasattr(trt.BuilderFlag, "FP16")
+    if not weakly_typed and precision != metadata["precision"]:
+        raise EngineBuildError(
+            f"TensorRT {trt.__version__} builds strongly typed networks only: the engine takes the ONNX file's "
+            f"precision ({metadata['precision']}); export with --precision {precision} for a {precision} engine"
+        )
+    # Both an AOT and a JIT implementation exist: ask for the AOT one, so the
+    # engine carries the compiled kernel and runs without Python.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise EngineBuildError(f"{onnx_path}: TensorRT could not parse it: {errors}")
+
+    config = builder.create_builder_config()
+    config.add_optimization_profile(_batch_profile(builder, network, onnx_path, opt_batch, max_batch))
+    if weakly_typed and precision != "fp32":
+        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+        _pin_fp32(trt, network, config)
+    cache = _load_timing_cache(config, timing_cache)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"{onnx_path}: TensorRT failed to build the engine (its log above says why)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    if timing_cache is not None:
+        Path(timing_cache).write_bytes(bytes(cache.serialize()))
+
+    sidecar = {
+        "engine": engine_path.name,
+        "onnx": onnx_path.name,
+        "metadata": metadata,
+        "tensorrt_version": trt.__version__,
+        "gpu": gpu_name,
+        "compute_capability": capability,
+        "precision": precision,
+        "batch_profile": {"min": 1, "opt": opt_batch, "max": max_batch},
+        "plugin": PLUGIN_ID if _has_plugin_node(network, trt) else None,
+        "build_seconds": round(time.perf_counter() - started, 1),
+    }
+    sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    return engine_path
+
+
+def build_engines(onnx_path, engine_path, **options) -> list[Path]:
+    """`build_engine` for the model and the split graphs exported next to it."""
+    return [build_engine(part, plan, **options) for part, plan in split_pairs(onnx_path, engine_path)]
+
+
+def _batch_profile(builder, network, onnx_path: Path, opt_batch: int, max_batch: int):
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape[1:]):
+            raise EngineBuildError(f"{onnx_path}: input {tensor.name} {shape} is dynamic beyond dimension 0")
+        profile.set_shape(tensor.name, [1, *shape[1:]], [opt_batch, *shape[1:]], [max_batch, *shape[1:]])
+    return profile
+
+
+def _pin_fp32(trt, network, config) -> None:
+    """Keep LayerNorm and softmax (and their outputs) in fp32 under fp16/bf16."""
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+
+
+def _load_timing_cache(config, timing_cache):
+    blob = b""
+    if timing_cache is not None and Path(timing_cache).is_file():
+        blob = Path(timing_cache).read_bytes()
+    cache = config.create_timing_cache(blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _has_plugin_node(network, trt) -> bool:
+    """Whether the parser mapped the intervention node to the plugin (not the
+    inlined local function)."""
+    return any(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers))
