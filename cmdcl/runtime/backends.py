@@ -202,45 +202,47 @@ class OrtBackend(Backend):
 
 
 class TensorRTBackend(Backend):
-    """A TensorRT engine (`.plan` + `.plan.json` sidecar), run on torch CUDA buffers.
-
-    The CausalIntervention plugin is registered before the engines are
-    deserialised. Needs the full TensorRT (10.x) and an NVIDIA GPU."""
+    """A TensorRT engine (`.plan` + `.plan.json` sidecar from cmdcl-build), run
+    on torch CUDA buffers. The CausalIntervention plugin is registered before
+    the engines are deserialised. Needs the full TensorRT (>= 10.9) and an NVIDIA GPU."""
 
     name = "trt"
 
     def load(self) -> None:
+        from ..export.tensorrt_build import EngineBuildError, import_tensorrt, sidecar_path
+
         try:
-            import tensorrt as trt
-        except ImportError:
-            raise BackendError(f"{self.path}: the TensorRT backend needs the tensorrt package (pip install 'cmdcl[tensorrt]')") from None
+            trt = import_tensorrt()
+        except EngineBuildError as exc:
+            raise BackendError(f"{self.path}: the TensorRT backend cannot run: {exc}") from None
         import torch
 
         if not torch.cuda.is_available():
             raise BackendError(f"{self.path}: the TensorRT backend needs an NVIDIA GPU; none is visible to PyTorch")
-        sidecar = self.path.with_name(self.path.name + ".json")
+        sidecar = sidecar_path(self.path)
         try:
-            self.meta = json.loads(sidecar.read_text())
+            self.meta = json.loads(sidecar.read_text())["metadata"]
             self.info = ModelInfo.from_metadata(self.meta)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BackendError(f"{sidecar}: cannot read the engine's metadata sidecar ({exc})") from None
+        from ..kernels.tensorrt_plugin import register_plugin
+
         try:
-            import cmdcl.kernels.trt_plugin  # noqa: F401  (registers cmdcl::CausalIntervention)
+            register_plugin()
         except ImportError as exc:
-            raise BackendError(f"{self.path}: the CausalIntervention TensorRT plugin cannot be registered ({exc})") from None
+            raise BackendError(f"{self.path}: TensorRT {trt.__version__} cannot register the CausalIntervention plugin ({exc})") from None
         self.trt, self.torch = trt, torch
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines: dict = {}
 
     def part_path(self, part: str) -> Path:
-        return self.path if part == "model" else self.path.with_name(f"{self.path.stem}.{part}.plan")
+        return self.path if part == "model" else self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
 
     def engine(self, part: str):
         if part not in self.engines:
             path = self.part_path(part)
             if not path.exists():
-                raise BackendError(f"{path}: no such file (stream mode needs the split engines)")
+                raise BackendError(f"{path}: no such file (stream mode needs the split engines; cmdcl-build makes them)")
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"{path}: TensorRT could not deserialise the engine (built by another TensorRT version or GPU?)")
@@ -248,27 +250,36 @@ class TensorRTBackend(Backend):
         return self.engines[part]
 
     def infer(self, part: str, feeds: dict) -> dict:
-        trt, torch = self.trt, self.torch
+        """Runs in chunks along dimension 0 no larger than the engine's profile allows."""
         engine, context = self.engine(part)
-        buffers, outputs = {}, {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-                buffers[name] = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", dtype)
-                context.set_input_shape(name, tuple(buffers[name].shape))
-                context.set_tensor_address(name, buffers[name].data_ptr())
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                dtype = torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-                outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-                context.set_tensor_address(name, outputs[name].data_ptr())
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
+        limit = min(engine.get_tensor_profile_shape(n, 0)[2][0] for n in inputs)
+        total = len(feeds[inputs[0]])
+        chunks = [self._run(engine, context, names, inputs, {n: feeds[n][i : i + limit] for n in inputs})
+                  for i in range(0, total, limit)]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _run(self, engine, context, names, inputs, feeds) -> dict:
+        torch, trt = self.torch, self.trt
+
+        def torch_dtype(name):
+            return torch.from_numpy(np.zeros(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
+
+        buffers = {}
+        for name in inputs:
+            buffers[name] = torch.from_numpy(np.ascontiguousarray(feeds[name])).to("cuda", torch_dtype(name))
+            context.set_input_shape(name, tuple(buffers[name].shape))
+        outputs = [n for n in names if n not in inputs]
+        for name in outputs:
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch_dtype(name), device="cuda")
+        for name, tensor in buffers.items():
+            context.set_tensor_address(name, tensor.data_ptr())
         stream = torch.cuda.current_stream()
         if not context.execute_async_v3(stream.cuda_stream):
-            raise BackendError(f"{self.part_path(part)}: TensorRT execution failed")
+            raise BackendError(f"{self.path}: TensorRT execution failed")
         stream.synchronize()
-        return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}
+        return {name: buffers[name].float().cpu().numpy() for name in outputs}
 
 
 def load_backend(engine=None, backend: str = "auto", device: str = "cpu") -> Backend:
