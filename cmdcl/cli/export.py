@@ -89,7 +89,7 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
             checks, notes = _verify(model, paths, precision, video)
         if engine:
             progress(f"building TensorRT engine {engine.name}")
-            _build_engine(paths["model"], engine, engine_precision, max_batch, timing_cache)
+            engines = _build_engines(paths, engine, engine_precision, max_batch, timing_cache)
         bar.update()
         bar.set_postfix_str("done")
     for role, path in paths.items():
@@ -98,7 +98,8 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
         for line in [*map(str, checks), *notes]:
             click.echo(line)
     if engine:
-        click.echo(f"wrote engine        {engine}")
+        for path in engines:
+            click.echo(f"wrote engine  {path}")
 
 
 def _verify(model, paths, precision, video):
@@ -109,13 +110,17 @@ def _verify(model, paths, precision, video):
     return verify_export(model, paths, precision, video=video)
 
 
-def _build_engine(onnx_path, engine, precision, max_batch, timing_cache):
+def _build_engines(paths, engine, precision, max_batch, timing_cache) -> list:
+    """The model's engine, plus the split graphs' engines next to it when they were exported."""
     try:
-        from cmdcl.export.tensorrt_build import EngineBuildError, build_engine
+        from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, build_engines
     except ImportError:
         raise _Failure("--engine: the TensorRT builder (cmdcl.export.tensorrt_build) is not available in this install") from None
+    options = dict(precision=precision, max_batch=max_batch, timing_cache=timing_cache)
     try:
-        build_engine(onnx_path, engine, precision=precision, max_batch=max_batch, timing_cache=timing_cache)
+        if "head" in paths:
+            return build_engines(paths["model"], engine, **options)
+        return [build_engine(paths["model"], engine, **options)]
     except EngineBuildError as exc:
         raise _Failure(f"--engine: {exc}") from None
 

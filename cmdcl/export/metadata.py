@@ -168,16 +168,15 @@ def _check_values(path: Path, meta: dict) -> None:
             bad(f"{key} {meta[key]!r} disagrees with the recorded config ({expected!r})")
 
 
-def expected_interface(meta: dict) -> tuple[dict, dict]:
-    """(inputs, outputs) of a graph: name -> (element type, shape; None = dynamic axis)."""
-    f, size, s, d, c = meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"], len(meta["classes"])
+def graph_interface(role: str, f: int, size: int, s: int, d: int, c: int) -> tuple[dict, dict]:
+    """(inputs, outputs) of a `role` graph: name -> (element type, shape; None = the dynamic batch axis)."""
     u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
     heads_out = {"logits": (f32, [None, c]), "embedding": (f32, [None, d])}
     return {
         "full": ({"frames": (u8, [None, f, size, size, 3])}, heads_out),
         "frame_encoder": ({"frames": (u8, [None, size, size, 3])}, {"tokens": (f32, [None, s, d])}),
         "head": ({"tokens": (f32, [None, f, s, d])}, heads_out),
-    }[meta["graph_role"]]
+    }[role]
 
 
 def _describe(value: onnx.ValueInfoProto) -> tuple[int, list]:
@@ -187,7 +186,8 @@ def _describe(value: onnx.ValueInfoProto) -> tuple[int, list]:
 
 def _check_graph(path: Path, proto: onnx.ModelProto, meta: dict) -> None:
     graph = proto.graph
-    inputs, outputs = expected_interface(meta)
+    inputs, outputs = graph_interface(meta["graph_role"], meta["num_frames"], meta["image_size"],
+                                      meta["tokens_per_frame"], meta["width"], len(meta["classes"]))
     for kind, values, expected in (("input", graph.input, inputs), ("output", graph.output, outputs)):
         found = {v.name: _describe(v) for v in values}
         if set(found) != set(expected):

@@ -172,6 +172,9 @@ def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, ops
         proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, OP_VERSION)])
     if precision == "fp16":
         proto = convert_to_fp16(proto)
+    cfg = model.cfg
+    _set_interface(proto, *metadata.graph_interface(role, cfg.num_frames, cfg.vision.image_size, cfg.tokens_per_frame,
+                                                     cfg.width, len(model.class_names)))
     proto.doc_string = f"CMDCL {role} graph exported by the cmdcl toolkit"
     del proto.metadata_props[:]
     for key, value in metadata.build_metadata(model, role, precision, opset).items():
@@ -182,6 +185,15 @@ def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, ops
         first = str(exc).strip().splitlines()[0]
         raise ExportError(f"the exported {role} graph fails onnx.checker: {first}") from None
     return proto
+
+
+def _set_interface(proto: onnx.ModelProto, inputs: dict, outputs: dict) -> None:
+    """Write the full input/output types: the tracer cannot see through the custom node."""
+    for values, expected in ((proto.graph.input, inputs), (proto.graph.output, outputs)):
+        for value in values:
+            elem, shape = expected[value.name]
+            dims = ["batch" if n is None else n for n in shape]
+            value.type.CopyFrom(onnx.helper.make_tensor_type_proto(elem, dims))
 
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:
