@@ -154,7 +154,7 @@ def drop_trailing_params(ptx: str, kernel_name: str, keep: int) -> str:
     kept = [line for line in param_list.split("\n") if not any(re.search(rf"\b{name}\b", line) for name in extra)]
     kept_params = [i for i, line in enumerate(kept) if ".param" in line]
     kept[kept_params[-1]] = kept[kept_params[-1]].rstrip().rstrip(",")
-    return head + sep + "\n".join(kept) + "\n" + close + body
+    return head + sep + "\n".join(kept) + close + body
 
 
 def find_ptxas() -> Path | None:
