@@ -75,7 +75,8 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
 
     out = out or ckpt.with_suffix(".onnx")
     stages = 1 + (3 if split else 1) + bool(verify) + bool(engine)  # load, graphs, verify, engine
-    with tqdm(total=stages, desc="cmdcl-export", file=sys.stderr, unit="step") as bar:
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    with tqdm(total=stages, desc="cmdcl-export", file=sys.stderr, unit="step", disable=None) as bar:
         bar.set_postfix_str(f"loading {ckpt.name}")
         model = load_checkpoint(ckpt)
 

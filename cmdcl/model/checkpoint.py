@@ -71,7 +71,8 @@ def read_checkpoint(path: str | Path) -> dict:
         if "global" in detail.lower():
             raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain types ({detail})") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    # IndexError/KeyError: the weights-only unpickler on bytes that are not a pickle at all.
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(str(exc)) or type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a CMDCL checkpoint (no format tag {FORMAT!r})")

@@ -1,0 +1,84 @@
+"""`cmdcl-export`: end to end from a checkpoint, and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cmdcl.cli.export import main
+from cmdcl.export.metadata import read_metadata
+from cmdcl.model import save_checkpoint
+
+
+@pytest.fixture
+def checkpoint(make_model, tmp_path):
+    return save_checkpoint(make_model(num_classes=3), tmp_path / "model.pt")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cmdcl-export: error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_export_writes_three_verified_graphs(checkpoint):
+    result = run("--ckpt", checkpoint)
+    assert result.exit_code == 0, result.output
+    stem = checkpoint.with_suffix("")
+    for path in (f"{stem}.onnx", f"{stem}.frame_encoder.onnx", f"{stem}.head.onnx"):
+        assert f"{path}\n" in result.stdout
+        assert read_metadata(path)["classes"] == ["class 0", "class 1", "class 2"]
+    assert "model.onnx on random frames, batch 2: logits rel err" in result.stdout
+    assert "frame_encoder + head on random frames" in result.stdout and "FAILED" not in result.stdout
+
+
+def test_fp16_no_split_no_verify(checkpoint, tmp_path):
+    out = tmp_path / "out" / "m16.onnx"
+    out.parent.mkdir()
+    result = run("--ckpt", checkpoint, "--out", out, "--precision", "fp16", "--no-split", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert read_metadata(out)["precision"] == "fp16" and sorted(p.name for p in out.parent.iterdir()) == ["m16.onnx"]
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    assert_one_line_error(run("--ckpt", tmp_path / "absent.pt"), "absent.pt", "no such file")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"this is not a zip archive" * 4)
+    assert_one_line_error(run("--ckpt", corrupt), "corrupt.pt", "not a readable torch checkpoint")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    assert_one_line_error(run("--ckpt", other), "other.pt", "not a CMDCL checkpoint")
+
+
+def test_unwritable_output_and_low_opset(checkpoint, tmp_path):
+    assert_one_line_error(run("--ckpt", checkpoint, "--out", tmp_path / "missing" / "m.onnx"), "does not exist")
+    assert_one_line_error(run("--ckpt", checkpoint, "--out", tmp_path), "is a directory")
+    assert_one_line_error(run("--ckpt", checkpoint, "--opset", "13"), "opset 13", "needs opset >= 17")
+
+
+def test_debug_shows_the_exception(tmp_path):
+    result = run("--ckpt", tmp_path / "absent.pt", "--debug")
+    assert result.exit_code != 0 and "no such file" in str(result.exception)
+
+
+def test_engine_without_tensorrt_gpu_is_a_one_line_error(checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --engine would really build (the GPU check script covers it)")
+    result = run("--ckpt", checkpoint, "--no-split", "--no-verify", "--engine", checkpoint.with_suffix(".plan"))
+    assert_one_line_error(result, "--engine:")
+
+
+def test_help_explains_the_options():
+    result = run("--help")
+    assert result.exit_code == 0
+    for option in ("--ckpt", "--out", "--opset", "--precision", "--split / --no-split", "--verify / --no-verify",
+                   "--engine", "--max-batch", "--timing-cache", "--debug"):
+        assert option in result.output
