@@ -22,7 +22,7 @@ from pathlib import Path
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 SPLIT_ROLES = ("frame_encoder", "head")
-INSTALL_HINT = "pip install 'tensorrt>=10.9,<11' on a machine with an NVIDIA GPU"
+INSTALL_HINT = "pip install 'tensorrt>=10.9' on a machine with an NVIDIA GPU"
 
 
 class EngineBuildError(RuntimeError):
