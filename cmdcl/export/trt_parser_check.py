@@ -39,7 +39,7 @@ def check_graph(path: str | Path, build: bool = True, max_batch: int = 4) -> dic
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     result["parsed"] = bool(parser.parse(proto.SerializeToString()))
-    result["parse_errors"] = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    result["parse_errors"] = _errors(parser)
 
     support_network = builder.create_network(0)  # the parser must not outlive its network
     support_parser = trt.OnnxParser(support_network, logger)
@@ -54,13 +54,18 @@ def check_graph(path: str | Path, build: bool = True, max_batch: int = 4) -> dic
     return result
 
 
+def _errors(parser) -> list[str]:
+    """Each parser error as "<op> node <name>: <description>"."""
+    errors = (parser.get_error(i) for i in range(parser.num_errors))
+    return [f"{e.node_operator()} node {e.node_name()!r}: {e.desc()}" for e in errors]
+
+
 def _build_inlined(trt, builder, logger, proto: onnx.ModelProto, max_batch: int) -> dict:
     inlined = onnx.inliner.inline_local_functions(proto)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(inlined.SerializeToString()):
-        errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
-        return {"engine_bytes": None, "build_error": "inlined graph does not parse: " + "; ".join(errors)}
+        return {"engine_bytes": None, "build_error": "inlined graph does not parse: " + "; ".join(_errors(parser))}
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
