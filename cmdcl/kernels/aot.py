@@ -31,10 +31,15 @@ from .triton_kernel import KERNEL_ARGS, causal_intervention_kernel, kernel_confi
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUM_WARPS = 4
 NUM_STAGES = 2
-# PTX ISA 8.4 (CUDA 12.4): the oldest a driver must understand to JIT the
-# engine's kernel. Triton's default follows its bundled ptxas (9.x on sm_90),
-# which drivers older than that toolkit reject.
+# PTX ISA 8.4 (CUDA 12.4) up to Hopper: the oldest a driver must understand
+# to JIT the engine's kernel. Triton's default follows its bundled ptxas (9.x
+# on sm_90), which drivers older than that toolkit reject. Newer targets
+# (Blackwell) need newer PTX: Triton's default there.
 PTX_VERSION = 84
+
+
+def ptx_version(arch: int) -> int | None:
+    return PTX_VERSION if arch < 100 else None
 # Above 48 KiB a launcher must opt in with cuFuncSetAttribute; stay under it.
 MAX_STATIC_SHARED = 48 * 1024
 
@@ -108,7 +113,7 @@ def compile_kernel(
     source = triton.compiler.ASTSource(fn=causal_intervention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
         compiled = triton.compile(
-            source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, ptx_version=PTX_VERSION)
+            source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, ptx_version=ptx_version(arch))
         )
     except Exception as error:  # triton raises many types; report one line
         raise AotError(f"triton could not compile the kernel for sm_{arch}: {error}") from error

@@ -81,6 +81,8 @@ def register_plugin() -> None:
         num_conf = kz.shape_expr[1]
         if not (heads.is_constant and head_dim.is_constant):
             raise ValueError(f"{PLUGIN_ID}: Kt must have constant head count and head dim (make it an initializer)")
+        if heads.constant_value() != num_heads:
+            raise ValueError(f"{PLUGIN_ID}: num_heads={num_heads} but Kt has {heads.constant_value()} heads")
         major, minor = torch.cuda.get_device_capability()
         kernel = aot_launch(
             dtype_names[q.dtype],
