@@ -266,3 +266,30 @@ def test_stream_gives_up_after_bounded_tries(tmp_path):
     finally:
         server.shutdown()
     assert len(connections) == 3
+
+
+def test_endless_source_that_ends_is_reconnected(tmp_path):
+    """A tcp:// stream (like rtsp, a source without an end) that closes is a
+    drop: reopened, the grid going on; the tries bound ends it."""
+    import socket
+
+    data = write_video(tmp_path / "v.ts", moving_square(20, 3), rate=10).read_bytes()  # 2 s
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = []
+
+    def serve():
+        for _ in range(2):
+            connection, _ = listener.accept()
+            connection.sendall(data)
+            connection.close()
+            served.append(1)
+        listener.close()  # the third connection is refused
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    grid = []
+    with pytest.raises(VideoError, match="gave up after 1 reconnects"):
+        for item in iter_grid_frames(url, 5, 32, Reconnect(tries=1, initial_delay=0.01)):
+            grid.append(item[0])
+    assert len(served) == 2
+    assert grid == sorted(grid) and len(grid) >= 18  # about 2 x 2 s at 5 grid frames per second

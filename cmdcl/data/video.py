@@ -110,12 +110,13 @@ def open_video(source, timeout: float | None = None):
         if container_kind:  # the header says video, yet FFmpeg cannot read it: typically cut short
             raise VideoError(source, f"truncated or corrupt {container_kind} file ({_first_line(exc)})") from None
         raise VideoError(source, f"not a video ({_first_line(exc)})") from None
-    if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams})
+    # Cover art (an audio file's attached picture) is a one-frame "video" stream: not a video.
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        kinds = {s.type for s in container.streams}
         container.close()
-        reason = "no video stream (audio only)" if kinds == ["audio"] else "no video stream"
-        raise VideoError(source, reason if kinds else "no video stream (no streams at all)")
-    stream = container.streams.video[0]
+        raise VideoError(source, "no video stream (audio only)" if "audio" in kinds else "no video stream")
+    stream = videos[0]
     stream.thread_type = "AUTO"
     return container, stream
 
@@ -309,11 +310,13 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     converted at most once.
 
     A file ends at its last frame (a truncated Matroska file raises VideoError
-    after yielding its frames). A live source that fails to open or errors
-    mid-stream is reopened after a back-off, the grid going on where it
-    stopped; `reconnect.tries` consecutive failures raise VideoError."""
+    after yielding its frames). A live source that fails to open, errors, or
+    (rtsp, rtmp, udp, srt, devices: sources without an end) stops, is reopened
+    after a back-off, the grid going on where it stopped; more than
+    `reconnect.tries` failures in a row raise VideoError."""
     reconnect = reconnect or Reconnect()
     live = is_live(source)
+    endless = live and not str(source).startswith(("http://", "https://"))
     grid_index, failures = 0, 0
     while True:
         offset = grid_index / rate  # a reopened live source continues the grid
@@ -330,7 +333,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
         with container:
             tb = float(stream.time_base)
             first = held = held_rgb = None  # held: the frame on screen; held_rgb: its RGB once converted
-            t = 0.0
+            t, dropped = 0.0, None
             try:
                 for frame in container.decode(stream):
                     if frame.pts is None:
@@ -342,12 +345,16 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
                         yield grid_index / rate, held_rgb
                         grid_index += 1
                     held, held_rgb, failures = frame, None, 0
+                if endless:
+                    dropped = "the stream ended"
             except (av.error.FFmpegError, OSError) as exc:
                 if not live:
                     raise VideoError(source, f"undecodable after {t:.2f} s ({_first_line(exc)})") from None
+                dropped = _first_line(exc)
+            if dropped:
                 failures += 1
                 if failures > reconnect.tries:
-                    raise VideoError(source, f"stream dropped; gave up after {reconnect.tries} reconnects ({_first_line(exc)})") from None
+                    raise VideoError(source, f"stream dropped; gave up after {reconnect.tries} reconnects ({dropped})")
                 sleep(reconnect.delay(failures))
                 continue
             if held is None:
