@@ -16,8 +16,8 @@ EXIT_INPUT_FAILED = 3
 @click.option("--backend", type=click.Choice(["auto", "ort", "trt", "torch"]), default="auto", show_default=True, help="auto picks by the engine's suffix; trt with an .onnx file uses ONNX Runtime's TensorRT provider.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--mode", type=click.Choice(["video", "stream"]), default="video", show_default=True, help="video: F frames over each whole file, one result per file. stream: sliding windows on a fixed time grid, one result per window plus a summary.")
-@click.option("--window", type=float, help="Stream mode: window length in seconds (F grid frames). Default: the model's.")
-@click.option("--stride", type=float, help="Stream mode: seconds between windows. Default: the model's.")
+@click.option("--window", type=click.FloatRange(min=0, min_open=True), help="Stream mode: window length in seconds (F grid frames). Default: the model's.")
+@click.option("--stride", type=click.FloatRange(min=0, min_open=True), help="Stream mode: seconds between windows. Default: the model's.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels reported per result (single-label models).")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Report only labels scoring at least this; multi-label models report every label over it (default 0.5).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write records here instead of stdout.")
@@ -53,24 +53,23 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     try:
         recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
                                 batch=batch, reconnect=Reconnect(tries=reconnect_tries))
-    except (BackendError, ValueError) as exc:
+    except BackendError as exc:
         _fail(exc, debug, "model")
     records, failed = [], 0
     progress = _progress(len(sources), quiet)
     with RecordWriter(output, fmt) as writer:
         produced = recognizer.predict_many(sources) if mode == "video" else recognizer.stream_many(sources)
-        for record in produced:
-            writer.write(record)
-            records.append(record)
-            if record.get("summary"):
-                progress.update(1)
-                if "error" in record:
-                    failed += 1
-                    progress.clear()
-                    click.echo(f"cmdcl-run: {record['video']}: {record['error']}", err=True)
-                elif debug and mode == "video":
-                    click.echo(f"cmdcl-run: {record['video']}: {record['strategy']} decoding, {record['frames_decoded']} frames "
-                               f"decoded for {record['frames']} sampled ({record['frames_decoded'] / record['frames']:.2f} per sampled)", err=True)
+        try:
+            for record in produced:
+                writer.write(record)
+                if plot or overlay:  # kept only for them: a long stream's records are not held in memory
+                    records.append(record)
+                if record.get("summary"):
+                    progress.update(1)
+                    failed += _report(record, mode, debug, progress)
+        except BackendError as exc:  # e.g. stream mode with a model exported without its split graphs
+            progress.close()
+            _fail(exc, debug, "model")
     progress.close()
     try:
         if plot:
@@ -84,6 +83,18 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     except Exception as exc:  # noqa: BLE001 - optional outputs: one line, not a traceback
         _fail(exc, debug, "--plot/--overlay", code=1)
     sys.exit(EXIT_INPUT_FAILED if failed else 0)
+
+
+def _report(record: dict, mode: str, debug: bool, progress) -> int:
+    """One stderr line for a failed input (returns 1), or its decoding statistics with --debug."""
+    if "error" in record:
+        progress.clear()
+        click.echo(f"cmdcl-run: {record['video']}: {record['error']}", err=True)
+        return 1
+    if debug and mode == "video":
+        click.echo(f"cmdcl-run: {record['video']}: {record['strategy']} decoding, {record['frames_decoded']} frames "
+                   f"decoded for {record['frames']} sampled ({record['frames_decoded'] / record['frames']:.2f} per sampled)", err=True)
+    return 0
 
 
 def _progress(total: int, quiet: bool):

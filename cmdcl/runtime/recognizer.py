@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.video import Reconnect, VideoError, iter_grid_frames, read_clip
+from ..data.video import Reconnect, VideoError, is_live, iter_grid_frames, list_videos, read_clip
 from .backends import Backend, load_backend
 
 ENCODER_BATCH = 64  # most frames per frame-encoder call
@@ -180,8 +180,6 @@ class _Stream:
 
 def expand_inputs(inputs: Iterable) -> list:
     """Directories become the video files under them; files and stream URLs stay."""
-    from ..data.video import is_live, list_videos
-
     expanded = []
     for item in inputs:
         if not is_live(item) and Path(item).is_dir():
