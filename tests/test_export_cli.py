@@ -82,3 +82,27 @@ def test_help_explains_the_options():
     for option in ("--ckpt", "--out", "--opset", "--precision", "--split / --no-split", "--verify / --no-verify",
                    "--engine", "--max-batch", "--timing-cache", "--debug"):
         assert option in result.output
+
+
+def test_verify_on_a_given_video(checkpoint, tmp_path):
+    import numpy as np
+
+    from cmdcl.data.video import write_video
+
+    frames = np.zeros((16, 40, 48, 3), np.uint8)
+    for t in range(16):
+        frames[t, 8:24, 2 * t : 2 * t + 12] = 220
+    video = write_video(tmp_path / "clip.mp4", frames, rate=8.0)
+    result = run("--ckpt", checkpoint, "--no-split", "--video", video)
+    assert result.exit_code == 0, result.output
+    assert "model.onnx on video clip.mp4: logits rel err" in result.stdout and "[ok]" in result.stdout
+    assert_one_line_error(run("--ckpt", checkpoint, "--video", tmp_path / "absent.mp4"), "absent.mp4", "no such video")
+
+
+def test_failed_verification_fails_the_export_and_removes_its_files(checkpoint, monkeypatch):
+    from cmdcl.export import verify
+
+    monkeypatch.setitem(verify.TOLERANCES, "fp32", 0.0)  # fp32 ONNX Runtime is ~1e-7 off PyTorch, never 0
+    result = run("--ckpt", checkpoint)
+    assert_one_line_error(result, "disagree with PyTorch beyond rel err 0", "removed the exported files")
+    assert not list(checkpoint.parent.glob("*.onnx"))

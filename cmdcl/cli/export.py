@@ -71,8 +71,11 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
     from tqdm import tqdm
 
     from cmdcl.export import export_onnx
+    from cmdcl.export.verify import VerificationError, verify_export
     from cmdcl.model import load_checkpoint
 
+    if video is not None and not video.is_file():
+        raise _Failure(f"{video}: no such video file")
     out = out or ckpt.with_suffix(".onnx")
     stages = 1 + (3 if split else 1) + bool(verify) + bool(engine)  # load, graphs, verify, engine
     # disable=None: no bar when stderr is not a terminal (logs, CI)
@@ -87,7 +90,12 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
         paths = export_onnx(model, out, opset=opset, precision=precision, split=split, progress=progress)
         if verify:
             progress("verifying with ONNX Runtime")
-            checks, notes = _verify(model, paths, precision, video)
+            try:
+                checks, notes = verify_export(model, paths, precision, video=video)
+            except VerificationError as exc:  # a failed export leaves no file the runtime could pick up
+                for path in paths.values():
+                    path.unlink(missing_ok=True)
+                raise VerificationError(f"{exc} (removed the exported files; --no-verify keeps them)") from None
         if engine:
             progress(f"building TensorRT engine {engine.name}")
             engines = _build_engines(paths, engine, engine_precision, max_batch, timing_cache)
@@ -101,14 +109,6 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
     if engine:
         for path in engines:
             click.echo(f"wrote engine  {path}")
-
-
-def _verify(model, paths, precision, video):
-    from cmdcl.export.verify import verify_export
-
-    if video is not None and not video.is_file():
-        raise _Failure(f"{video}: no such video file")
-    return verify_export(model, paths, precision, video=video)
 
 
 def _build_engines(paths, engine, precision, max_batch, timing_cache) -> list:
