@@ -169,6 +169,11 @@ def test_bad_files_raise_video_error_naming_file_and_reason(tmp_path, kind):
     assert str(info.value).startswith(f"{path}: ")
 
 
+def test_video_mode_refuses_endless_sources():
+    with pytest.raises(VideoError, match="rtsp://127.0.0.1:9/cam: a live stream has no end"):
+        read_clip("rtsp://127.0.0.1:9/cam", 4, 32)
+
+
 def test_live_source_gives_up_after_bounded_tries():
     delays = []
     with pytest.raises(VideoError, match="gave up after 3 reconnects"):

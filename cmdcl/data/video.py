@@ -71,6 +71,11 @@ def is_live(source) -> bool:
     return str(source).startswith(LIVE_PREFIXES)
 
 
+def is_endless(source) -> bool:
+    """Live sources with no end (rtsp, rtmp, udp, tcp, srt, devices; not http files)."""
+    return is_live(source) and not str(source).startswith(("http://", "https://"))
+
+
 def segment_times(duration: float, num_frames: int, offsets: str = "center", rng: np.random.Generator | None = None) -> np.ndarray:
     """Split [0, duration) into `num_frames` equal segments and pick one time in
     each: its centre ("center") or a uniform random time ("random", from `rng`)."""
@@ -261,6 +266,8 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
     """F frames uniformly over the whole video (see `segment_times`), each
     resized so the shorter side is `size` and centre-cropped to size x size.
     Videos with fewer frames than F repeat frames."""
+    if is_endless(path):
+        raise VideoError(path, "a live stream has no end to sample up to; use stream mode")
     container, stream = open_video(path)
     with container:
         scan = _scan(path, container, stream)
@@ -316,7 +323,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     `reconnect.tries` failures in a row raise VideoError."""
     reconnect = reconnect or Reconnect()
     live = is_live(source)
-    endless = live and not str(source).startswith(("http://", "https://"))
+    endless = is_endless(source)
     grid_index, failures = 0, 0
     while True:
         offset = grid_index / rate  # a reopened live source continues the grid
