@@ -107,7 +107,7 @@ def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: 
         _check_writable(path)
 
     model = copy.deepcopy(model).float().cpu().eval()
-    model.visual.impl = "onnx"  # trace the fused op as one cmdcl::CausalIntervention node
+    model.set_intervention_impl("onnx")  # trace the fused op as one cmdcl::CausalIntervention node
     cfg = model.cfg
     f, size, s, d = cfg.num_frames, cfg.vision.image_size, cfg.tokens_per_frame, cfg.width
     example_frames = torch.randint(0, 256, (2, f, size, size, 3), dtype=torch.uint8)
