@@ -16,7 +16,9 @@ installed (no TensorRT), from a checkout:
    (both query-tile tactics), the AOT PTX, PyTorch eager (two attentions +
    concat) and torch.compile of the reference, at serving shapes (32
    streams) and at batch 1, with achieved TFLOP/s and GB/s against the
-   bytes/FLOPs floor of each shape.
+   bytes/FLOPs floor of each shape (the floor of the op alone); and the query
+   projection as a separate GEMM + kernel against the kernel with the
+   projection fused in.
 Prints the card and a table; writes JSON. Exit status 1 if a parity check fails.
 
 `--dry-run` needs no GPU: it compiles the AOT kernel for sm_90, builds the
@@ -143,7 +145,7 @@ def cuda_time_ms(fn, warmup: int, reps: int) -> float:
 
 
 def check_parity(arch: int, generator: torch.Generator) -> list[dict]:
-    from cmdcl.kernels.triton_kernel import causal_intervention_triton
+    from cmdcl.kernels.triton_kernel import causal_intervention_triton, causal_intervention_triton_fused_q
 
     results = []
     for shape in PARITY_SHAPES:
@@ -163,7 +165,21 @@ def check_parity(arch: int, generator: torch.Generator) -> list[dict]:
             launch_aot(load_aot(kernel), kernel, inputs, out, shape)
             torch.cuda.synchronize()
             results.append(_parity_row(shape, name, "aot ptx (cupy)", out, ref))
+
+            x, weight, bias = projection_inputs(shape, dtype, generator)
+            fused_ref = causal_intervention_reference(x.float() @ weight.float().T + bias.float(), *(t.float() for t in inputs[1:]), shape.heads, scale)
+            out.fill_(float("nan"))
+            causal_intervention_triton_fused_q(x, weight, bias, *inputs[1:], shape.heads, scale, out=out)
+            torch.cuda.synchronize()
+            results.append(_parity_row(shape, name, "triton fused Q projection", out, fused_ref))
     return results
+
+
+def projection_inputs(shape: Shape, dtype: torch.dtype, generator: torch.Generator):
+    """x [B, L, D] and an nn.Linear-like query projection D -> D."""
+    x = torch.randn(shape.batch, shape.seq_len, shape.width, generator=generator, device="cuda").to(dtype)
+    weight = (torch.randn(shape.width, shape.width, generator=generator, device="cuda") / shape.width**0.5).to(dtype)
+    return x, weight, torch.randn(shape.width, generator=generator, device="cuda").to(dtype)
 
 
 def _parity_row(shape: Shape, dtype: str, impl: str, out: torch.Tensor, ref: torch.Tensor) -> dict:
@@ -173,7 +189,7 @@ def _parity_row(shape: Shape, dtype: str, impl: str, out: torch.Tensor, ref: tor
 
 
 def time_shapes(arch: int, generator: torch.Generator, warmup: int, reps: int) -> list[dict]:
-    from cmdcl.kernels.triton_kernel import causal_intervention_triton
+    from cmdcl.kernels.triton_kernel import causal_intervention_triton, causal_intervention_triton_fused_q
 
     compiled_reference = torch.compile(causal_intervention_reference, dynamic=False)
     rows = []
@@ -184,12 +200,17 @@ def time_shapes(arch: int, generator: torch.Generator, warmup: int, reps: int) -
             out = torch.empty(shape.batch, shape.seq_len, 2 * shape.width, dtype=dtype, device="cuda")
             kernel = aot.compile_kernel(name, h, shape.head_dim, shape.num_text, shape.num_conf, scale, arch=arch)
             function = load_aot(kernel)
+            x, weight, bias = projection_inputs(shape, dtype, generator)
+            memories = inputs[1:]
             candidates = {
                 "triton BLOCK_L=64": lambda: causal_intervention_triton(*inputs, h, scale, block_l=64, out=out),
                 "triton BLOCK_L=16": lambda: causal_intervention_triton(*inputs, h, scale, block_l=16, out=out),
                 "aot ptx (cupy)": lambda: launch_aot(function, kernel, inputs, out, shape),
                 "torch eager": lambda: causal_intervention_reference(*inputs, h, scale),
                 "torch.compile": lambda: compiled_reference(*inputs, h, scale),
+                # Does fusing the query projection pay? (the ms column includes the projection here)
+                "Q linear + triton": lambda: causal_intervention_triton(torch.nn.functional.linear(x, weight, bias), *memories, h, scale, out=out),
+                "triton fused Q projection": lambda: causal_intervention_triton_fused_q(x, weight, bias, *memories, h, scale, out=out),
             }
             floor = floors(shape, dtype.itemsize)
             for impl, fn in candidates.items():

@@ -41,3 +41,22 @@ def test_model_uses_kernel_on_cuda():
         model.set_intervention_impl("triton")
         out, _ = model(frames)
     assert ((out - ref).norm() / ref.norm()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=["fp32", "fp16", "bf16"])
+def test_fused_q_projection(dtype):
+    from cmdcl.kernels.triton_kernel import causal_intervention_triton_fused_q
+
+    b, seq_len, h, d, c, kz, in_dim = 3, 77, 8, 64, 37, 301, 512
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(b, seq_len, in_dim, device="cuda", generator=generator).to(dtype)
+    weight = (torch.randn(h * d, in_dim, device="cuda", generator=generator) / in_dim**0.5).to(dtype)
+    bias = torch.randn(h * d, device="cuda", generator=generator).to(dtype)
+    memories = [torch.randn(h, n, d, device="cuda", generator=generator).to(dtype) for n in (c, c, kz, kz)]
+    prior = torch.log_softmax(torch.randn(kz, device="cuda", generator=generator), 0).to(dtype)
+    out = torch.full((b, seq_len, 2 * h * d), float("nan"), device="cuda", dtype=dtype)
+    causal_intervention_triton_fused_q(x, weight, bias, *memories, prior, h, d**-0.5, out=out)
+    q = x.float() @ weight.float().T + bias.float()
+    ref = causal_intervention_reference(q, *(t.float() for t in memories), prior.float(), h, d**-0.5)
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref).norm() / ref.norm()).item() <= TOLERANCE[dtype]

@@ -27,12 +27,19 @@ CASES = {
     "fp16 64-row tiles, several memory tiles": ("float16", 1, 70, 1, 16, 65, 130, 64),
 }
 
+EXTRA_CASES = {  # name: dtype of the tolerance
+    "fused Q projection fp32": "float32",
+    "fused Q projection fp16": "float16",
+    "dispatch impl='triton'": "float32",
+    "tiny CMDCL logits": "float32",
+}
+
 
 def run_cases() -> dict:
     """Child side: run every case, return {name: {rel_error, finite}}."""
     import torch
 
-    from cmdcl.kernels import causal_intervention
+    from cmdcl.kernels import causal_intervention, triton_kernel
     from cmdcl.kernels.reference import causal_intervention_reference
     from cmdcl.kernels.triton_kernel import causal_intervention_triton
 
@@ -49,6 +56,19 @@ def run_cases() -> dict:
         causal_intervention_triton(*inputs, h, d**-0.5, block_l=block_l, out=out)
         results[name] = {"rel_error": ((out.float() - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
 
+    # Query projection fused into the kernel: q = x W^T + b, D_in not a tile multiple.
+    for name, dtype, in_dim in (("fused Q projection fp32", torch.float32, 40), ("fused Q projection fp16", torch.float16, 70)):
+        b, seq_len, h, d, c, kz = 2, 21, 2, 16, 7, 45
+        x, weight, bias = torch.randn(b, seq_len, in_dim, generator=generator), torch.randn(h * d, in_dim, generator=generator) / in_dim**0.5, torch.randn(h * d, generator=generator)
+        memories = [torch.randn(h, n, d, generator=generator) for n in (c, c, kz, kz)]
+        prior = torch.log_softmax(torch.randn(kz, generator=generator), 0)
+        inputs = [t.to(dtype) for t in (x, weight, bias, *memories, prior)]
+        x, weight, bias, *rest = (t.float() for t in inputs)
+        ref = causal_intervention_reference(x @ weight.T + bias, *rest, h, d**-0.5)
+        out = torch.full((b, seq_len, 2 * h * d), float("nan"), dtype=dtype)
+        triton_kernel.causal_intervention_triton_fused_q(*inputs, h, d**-0.5, block_l=16, out=out)
+        results[name] = {"rel_error": ((out.float() - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
+
     # Through the dispatcher, default scale.
     q, kt, vt, kz_, vz = (torch.randn(*s, generator=generator) for s in ((2, 9, 64), (4, 3, 16), (4, 3, 16), (4, 20, 16), (4, 20, 16)))
     prior = torch.log_softmax(torch.randn(20, generator=generator), 0)
@@ -58,7 +78,6 @@ def run_cases() -> dict:
 
     # The whole tiny model with the kernel in its visual intervention (a
     # skewed confounder prior, so dropping it would show), counting launches.
-    from cmdcl.kernels import triton_kernel
     from cmdcl.model import CMDCL, tiny_config
 
     torch.manual_seed(0)
@@ -89,10 +108,10 @@ def results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*CASES, "dispatch impl='triton'", "tiny CMDCL logits"])
+@pytest.mark.parametrize("name", [*CASES, *EXTRA_CASES])
 def test_matches_reference(results, name):
     result = results[name]
-    tolerance = TOLERANCE[CASES[name][0]] if name in CASES else TOLERANCE["float32"]
+    tolerance = TOLERANCE[CASES[name][0] if name in CASES else EXTRA_CASES[name]]
     assert result["finite"], f"{name}: output has NaN/inf (unwritten elements keep the NaN poison)"
     assert result["rel_error"] <= tolerance, f"{name}: relative error {result['rel_error']:.2e} > {tolerance}"
 
