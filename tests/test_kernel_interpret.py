@@ -28,6 +28,7 @@ CASES = {
 }
 
 EXTRA_CASES = {  # name: dtype of the tolerance
+    "fp32 -inf log prior on a whole tile": "float32",
     "fused Q projection fp32": "float32",
     "fused Q projection fp16": "float16",
     "dispatch impl='triton'": "float32",
@@ -55,6 +56,17 @@ def run_cases() -> dict:
         out = torch.full((b, seq_len, 2 * h * d), float("nan"), dtype=dtype)  # poisoned: every element must be written
         causal_intervention_triton(*inputs, h, d**-0.5, block_l=block_l, out=out)
         results[name] = {"rel_error": ((out.float() - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
+
+    # Zero prior on the first 40 dictionary entries (log prior -inf): a whole
+    # memory tile that contributes nothing must not turn into NaN.
+    h, d, kz = 2, 16, 70
+    q, kz_, vz = torch.randn(1, 9, h * d, generator=generator), torch.randn(h, kz, d, generator=generator), torch.randn(h, kz, d, generator=generator)
+    kt, vt = torch.randn(h, 3, d, generator=generator), torch.randn(h, 3, d, generator=generator)
+    prior = torch.log_softmax(torch.randn(kz, generator=generator), 0)
+    prior[:40] = float("-inf")
+    out = causal_intervention_triton(q, kt, vt, kz_, vz, prior, h, d**-0.5, block_l=16)
+    ref = causal_intervention_reference(q, kt, vt, kz_, vz, prior, h, d**-0.5)
+    results["fp32 -inf log prior on a whole tile"] = {"rel_error": ((out - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
 
     # Query projection fused into the kernel: q = x W^T + b, D_in not a tile multiple.
     for name, dtype, in_dim in (("fused Q projection fp32", torch.float32, 40), ("fused Q projection fp16", torch.float16, 70)):

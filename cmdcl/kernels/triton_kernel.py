@@ -69,8 +69,10 @@ def _memory_attention(
             scores += prior[None, :] * LOG2E
         scores = tl.where(col_ok[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
+        # A row with only -inf so far (zero prior entries) must give 0, not NaN.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(row_max - shift)
+        p = tl.exp2(scores - shift[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         v = tl.load(v_ptr + offsets, mask=tile_mask, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
