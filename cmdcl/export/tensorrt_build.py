@@ -126,7 +126,7 @@ def build_engine(
     if weakly_typed and precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
         _pin_fp32(trt, network, config)
-    cache = _load_timing_cache(config, timing_cache)
+    _load_timing_cache(config, timing_cache)
 
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -135,7 +135,7 @@ def build_engine(
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     if timing_cache is not None:
-        Path(timing_cache).write_bytes(bytes(cache.serialize()))
+        Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
 
     sidecar = {
         "engine": engine_path.name,
@@ -180,13 +180,12 @@ def _pin_fp32(trt, network, config) -> None:
                 layer.set_output_type(j, trt.float32)
 
 
-def _load_timing_cache(config, timing_cache):
+def _load_timing_cache(config, timing_cache) -> None:
+    """Start from the cache file's timings if it exists (empty cache otherwise)."""
     blob = b""
     if timing_cache is not None and Path(timing_cache).is_file():
         blob = Path(timing_cache).read_bytes()
-    cache = config.create_timing_cache(blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+    config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
 
 
 def _has_plugin_node(network, trt) -> bool:
