@@ -134,3 +134,39 @@ def test_engine_matches_pytorch(tmp_path, precision, tolerance):
         ref, _ = model(frames)
     logits = run_engine(trt, engine.read_bytes(), {"frames": frames.cuda()})["logits"].float().cpu()
     assert ((logits - ref).norm() / ref.norm()).item() <= tolerance
+
+
+def parsed_network(tmp_path, input_shape):
+    """A one-Relu ONNX graph parsed by TensorRT-RTX's CPU parser (same network API)."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX (CPU parser) not installed")
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["frames"], ["y"])], "g",
+        [helper.make_tensor_value_info("frames", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, input_shape)],
+    )  # fmt: skip
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, trt.Logger(trt.Logger.ERROR))
+    assert parser.parse_from_file(str(path))
+    return builder, network, parser, path
+
+
+def test_batch_profile(tmp_path):
+    from cmdcl.export.tensorrt_build import _batch_profile
+
+    builder, network, _parser, path = parsed_network(tmp_path, ["batch", 8, 3])
+    profile = _batch_profile(builder, network, path, opt_batch=4, max_batch=16)
+    assert [list(s) for s in profile.get_shape("frames")] == [[1, 8, 3], [4, 8, 3], [16, 8, 3]]
+
+
+def test_batch_profile_rejects_other_dynamic_dims(tmp_path):
+    from cmdcl.export.tensorrt_build import _batch_profile
+
+    builder, network, _parser, path = parsed_network(tmp_path, ["batch", "frames", 3])
+    with pytest.raises(EngineBuildError, match="dynamic beyond dimension 0"):
+        _batch_profile(builder, network, path, opt_batch=4, max_batch=16)
