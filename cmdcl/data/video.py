@@ -262,10 +262,15 @@ class _Overshoot(Exception):
     """A seek landed after the frame it was meant to reach."""
 
 
-def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np.random.Generator | None = None) -> Clip:
+def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np.random.Generator | None = None,
+              strategy: str = "auto") -> Clip:
     """F frames uniformly over the whole video (see `segment_times`), each
     resized so the shorter side is `size` and centre-cropped to size x size.
-    Videos with fewer frames than F repeat frames."""
+    Videos with fewer frames than F repeat frames. `strategy` "seek" or
+    "sequential" forces a decoding plan (the benchmark compares them); "auto"
+    takes the one that decodes fewer frames."""
+    if strategy not in ("auto", "seek", "sequential"):
+        raise ValueError(f"strategy must be 'auto', 'seek' or 'sequential', not {strategy!r}")
     if is_endless(path):
         raise VideoError(path, "a live stream has no end to sample up to; use stream mode")
     container, stream = open_video(path)
@@ -278,7 +283,8 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
     chosen = [scan.frame_pts[max(bisect.bisect_right(scan.frame_pts, scan.first + t / tb + 1e-9) - 1, 0)] for t in times]
     targets = sorted(set(chosen))
     sequential_cost = scan.frame_pts.index(targets[-1]) + 1
-    strategy = "seek" if _seek_cost(scan, targets) < sequential_cost else "sequential"
+    if strategy == "auto":
+        strategy = "seek" if _seek_cost(scan, targets) < sequential_cost else "sequential"
     rgb: dict = {}
     decoded = 0
     if strategy == "seek":

@@ -135,12 +135,13 @@ class TorchBackend(Backend):
 
         with torch.inference_mode():
             if part == "frame_encoder":
-                return {"tokens": self.model.frame_tokens(self._tensor(feeds["frames"])).cpu().numpy()}
+                return {"tokens": self.model.frame_tokens(self._tensor(feeds["frames"])).float().cpu().numpy()}
             if part == "head":
                 logits, embedding = self.model.head(self._tensor(feeds["tokens"]))
             else:
                 logits, embedding = self.model(self._tensor(feeds["frames"]))
-        return {"logits": logits.cpu().numpy(), "embedding": embedding.cpu().numpy()}
+        # .float(): under autocast (the benchmark's fp16/bf16 runs) outputs are 16-bit; numpy has no bfloat16
+        return {"logits": logits.float().cpu().numpy(), "embedding": embedding.float().cpu().numpy()}
 
     def _tensor(self, array: np.ndarray):
         import torch
@@ -153,8 +154,8 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, path, device: str = "cpu", tensorrt_ep: bool = False):
-        self.tensorrt_ep = tensorrt_ep
+    def __init__(self, path, device: str = "cpu", tensorrt_ep: bool = False, threads: int | None = None):
+        self.tensorrt_ep, self.threads = tensorrt_ep, threads  # threads: intra-op threads (None: ONNX Runtime's default)
         super().__init__(path, device)
 
     def load(self) -> None:
@@ -192,6 +193,8 @@ class OrtBackend(Backend):
                 raise BackendError(f"{path}: no such file (stream mode needs the split graphs; export with split=True)")
             options = ort.SessionOptions()
             options.log_severity_level = 3
+            if self.threads:
+                options.intra_op_num_threads = self.threads
             self.sessions[part] = ort.InferenceSession(str(path), options, providers=self.providers)
         return self.sessions[part]
 
