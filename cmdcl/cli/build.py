@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     """
     from tqdm import tqdm
 
-    from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, split_pairs
+    from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, sidecar_path, split_pairs
 
     engine = engine or onnx_path.with_suffix(".plan")
     pairs = split_pairs(onnx_path, engine) if split else [(onnx_path, engine)]
@@ -43,6 +44,10 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
         for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr, disable=len(pairs) == 1):
             build_engine(part, plan, precision=precision, max_batch=max_batch, timing_cache=timing_cache, opt_batch=opt_batch)
             click.echo(f"wrote {plan}")
+            sidecar = json.loads(sidecar_path(plan).read_text())
+            meta = sidecar["metadata"]
+            if sidecar["plugin"] is None and meta.get("visual_intervention") and meta.get("graph_role") != "frame_encoder":
+                click.echo(f"note: {plan.name}: the intervention ran as the ONNX local function (plugin not picked up)", err=True)
     except Exception as exc:
         if debug:
             raise
