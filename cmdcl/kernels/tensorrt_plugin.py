@@ -15,16 +15,19 @@ The network must be created with PREFER_AOT_PYTHON_PLUGINS (build_engine
 does) since both implementations exist.
 
 Everything TensorRT-specific is imported inside `register_plugin`, so this
-module imports without TensorRT; `aot_launch` is the plain function the AOT
-implementation calls, testable on any machine.
+module imports without TensorRT, and Triton only when a kernel is compiled
+(building an engine, or the JIT path): running an AOT engine needs neither.
+`aot_launch` is the plain function the AOT implementation calls, testable on
+any machine.
 """
 
 # No `from __future__ import annotations`: tensorrt.plugin validates the
 # decorated functions' annotations as real objects, not strings.
 from types import SimpleNamespace
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Tuple
 
-from .aot import AotKernel, compile_kernel
+if TYPE_CHECKING:
+    from .aot import AotKernel
 
 PLUGIN_NAMESPACE = "cmdcl"
 PLUGIN_NAME = "CausalIntervention"
@@ -36,9 +39,11 @@ TACTIC_BLOCK_L = {0: 64, 1: 64, 2: 16}
 _registered = False
 
 
-def aot_launch(dtype: str, num_heads: int, head_dim: int, num_text: int, num_conf: int, scale: float, arch: int, tactic: int) -> AotKernel:
+def aot_launch(dtype: str, num_heads: int, head_dim: int, num_text: int, num_conf: int, scale: float, arch: int, tactic: int) -> "AotKernel":
     """The kernel and launch contract the plugin hands TensorRT for one
     (dtype, tactic) on a GPU of compute capability `arch` (e.g. 90)."""
+    from .aot import compile_kernel  # triton: needed to build engines, not to run them
+
     return compile_kernel(dtype, num_heads, head_dim, num_text, num_conf, scale, arch=arch, block_l=TACTIC_BLOCK_L[tactic])
 
 
