@@ -110,10 +110,11 @@ def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: 
     model.set_intervention_impl("onnx")  # trace the fused op as one cmdcl::CausalIntervention node
     cfg = model.cfg
     f, size, s, d = cfg.num_frames, cfg.vision.image_size, cfg.tokens_per_frame, cfg.width
-    example_frames = torch.randint(0, 256, (2, f, size, size, 3), dtype=torch.uint8)
+    # Tracing runs the model once: one clip is enough (the batch axis is exported dynamic).
+    example_frames = torch.randint(0, 256, (1, f, size, size, 3), dtype=torch.uint8)
     graphs = {
         "model": ("full", FullGraph(model), example_frames, ["frames"], ["logits", "embedding"]),
-        "frame_encoder": ("frame_encoder", FrameEncoderGraph(model), example_frames[0], ["frames"], ["tokens"]),
+        "frame_encoder": ("frame_encoder", FrameEncoderGraph(model), example_frames[0, :2], ["frames"], ["tokens"]),
         "head": ("head", HeadGraph(model), torch.randn(2, f, s, d), ["tokens"], ["logits", "embedding"]),
     }
     for key, path in paths.items():
