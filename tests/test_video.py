@@ -50,6 +50,14 @@ def test_read_clip_uniform_frames_and_strategy(tmp_path, gop, strategy):
         assert clip.frames_decoded < 56
 
 
+def test_forced_strategies_read_the_same_frames(tmp_path):
+    path = write_video(tmp_path / "v.mp4", ramp(60), rate=10, gop=12)
+    seek, sequential = (read_clip(path, 6, 32, strategy=s) for s in ("seek", "sequential"))
+    assert (seek.strategy, sequential.strategy) == ("seek", "sequential")
+    assert list(frame_index(seek.frames)) == list(frame_index(sequential.frames)) == [5, 15, 25, 35, 45, 55]
+    assert seek.frames_decoded < sequential.frames_decoded == 56
+
+
 def test_variable_frame_rate_times_come_from_pts(tmp_path):
     gaps = [0.3 if i % 2 else 0.05 for i in range(19)]
     times = np.concatenate([[0.0], np.cumsum(gaps)])
