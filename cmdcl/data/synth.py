@@ -161,6 +161,14 @@ def render_video(activity: str, background: int, cfg: SynthConfig, rng: np.rando
     return np.stack(frames), segments
 
 
+def choose_background(label: int, split: str, home_bias: float, rng: np.random.Generator) -> int:
+    """The confounder: the activity's home background with probability
+    `home_bias` in train/test (else uniform), uniform in ood."""
+    if split != "ood" and rng.random() < home_bias:
+        return label
+    return int(rng.integers(len(BACKGROUNDS)))
+
+
 def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg: SynthConfig | None = None, progress: bool = False) -> Path:
     """Write `videos` MP4s and `manifest.csv`, `classes.txt`, `actions.txt` to `out`.
 
@@ -183,10 +191,7 @@ def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg:
 
     for i in tqdm(range(videos), desc=f"synth {split}", disable=not progress, unit="video"):
         label = int(order[i])
-        if split == "ood" or rng.random() >= cfg.home_bias:
-            background = int(rng.integers(len(BACKGROUNDS)))
-        else:
-            background = label
+        background = choose_background(label, split, cfg.home_bias, rng)
         frames, segments = render_video(names[label], background, cfg, rng)
         name = f"{split}_{i:05d}.mp4"
         write_video(out / name, frames, rate=cfg.fps)
