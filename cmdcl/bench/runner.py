@@ -1,0 +1,581 @@
+"""The benchmark: every stage of the runtime timed through the real code paths.
+
+For each backend, one at a time (so host memory is that backend's):
+
+    decode_video    read_clip: F frames over the whole bench video (pyav)
+    decode_stream   iter_grid_frames: one grid frame of stream mode (pyav)
+    preprocess      frame_to_rgb (colour conversion, resize, crop) of F decoded frames;
+                    mean/std normalisation is inside the graphs (counted in frame_encoder)
+    frame_encoder   Backend.encode_frames on B*F frames
+    head            Backend.classify_tokens on B windows of tokens
+    intervention    cmdcl.kernels.causal_intervention alone (PyTorch backends only;
+                    inside ONNX Runtime / TensorRT graphs it is not reachable alone)
+    clip            Backend.classify_clips: the whole model on B clips of F frames
+    end_to_end      Recognizer.predict_many: decode + classify B videos
+    stream_update   Recognizer.stream_many over B streams: one window update (decoding
+                    the new grid frames, encoding them once, one head call)
+    long_video      read_clip on a long video, seek-based vs one sequential pass
+
+With no --engine the models are random-weight CMDCL models of the chosen
+preset (latency does not depend on the weights), saved as a checkpoint for
+the PyTorch backends and exported to ONNX for ONNX Runtime (and built into a
+TensorRT engine when TensorRT and a GPU are present).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..data.video import frame_to_rgb, iter_grid_frames, open_video, read_clip
+from ..runtime.backends import Backend, BackendError, OrtBackend, TorchBackend, cache_dir, load_backend
+from ..runtime.recognizer import Recognizer
+from . import floors as floor_counts
+from .measure import PeakMemory, load_average, machine_info, measured_peaks, percentiles, time_calls, time_steps
+
+STAGES = ("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip", "end_to_end",
+          "stream_update", "long_video")  # fmt: skip
+VIDEO_STAGES = ("decode_video", "decode_stream", "preprocess", "long_video")  # no model: backend "pyav"
+MODEL_STAGES = ("frame_encoder", "head", "intervention", "clip", "end_to_end", "stream_update")
+FLOP_STAGES = {"frame_encoder": "frame_encoder", "head": "head", "intervention": "intervention_op", "clip": "clip"}
+
+# Bench videos: synthetic (FFmpeg's testsrc2 pattern), 720p H.264, generated once into the cache.
+VIDEO_SIZE, VIDEO_RATE = (1280, 720), 30
+BENCH_GOP_SECONDS = 2  # a common keyframe interval
+LONG_GOP_SECONDS = 10  # sparse keyframes: seeking has to decode up to 300 frames per target
+LONG_ITERS = 3  # a sequential pass over 10 minutes of 720p takes tens of seconds
+
+
+@dataclass(frozen=True)
+class TorchVariant:
+    """How a PyTorch backend runs: autocast precision, torch.compile mode, intervention implementation."""
+
+    precision: str = "fp32"
+    compile_mode: str | None = None  # "default", or "reduce-overhead" (CUDA graphs)
+    impl: str = "torch"
+
+    @property
+    def needs_cuda(self) -> bool:
+        return self.precision != "fp32" or self.impl == "triton" or self.compile_mode == "reduce-overhead"
+
+
+TORCH_VARIANTS = {
+    "torch": TorchVariant(),
+    "torch-fp16": TorchVariant("fp16"),
+    "torch-bf16": TorchVariant("bf16"),
+    "torch-compile": TorchVariant(compile_mode="default"),
+    "torch-fp16-triton": TorchVariant("fp16", impl="triton"),
+    "torch-fp16-cudagraphs": TorchVariant("fp16", compile_mode="reduce-overhead"),
+}
+BACKENDS = (*TORCH_VARIANTS, "ort", "trt")
+CPU_DEFAULT = ("torch", "ort")
+GPU_DEFAULT = ("torch", "torch-fp16", "torch-bf16", "torch-compile", "torch-fp16-triton", "ort", "trt")
+
+
+@dataclass
+class BenchSettings:
+    preset: str = "tiny"
+    engines: tuple = ()  # model files; empty: random-weight models of `preset`
+    backends: tuple = ()  # empty: CPU_DEFAULT or GPU_DEFAULT (with engines: each file's own backend)
+    batches: tuple = (1,)
+    frames: int | None = None  # F override for the generated models
+    classes: int = 200
+    iters: int = 10
+    warmup: int = 2
+    device: str = "auto"
+    threads: int | None = None
+    stages: tuple = STAGES
+    video: Path | None = None  # default: a generated 720p video long enough for the stream updates
+    long_video: Path | None = None  # default: a generated 720p H.264 with sparse keyframes
+    long_minutes: float = 10.0
+    stride_frames: int | None = None  # stream mode; default the model's (F/2)
+    cuda_graphs: bool = False
+    config_overrides: dict = field(default_factory=dict)  # extra CMDCLConfig fields for the generated models
+
+
+@dataclass
+class Record:
+    backend: str
+    stage: str
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+    unit: str
+    video_s_per_s: float | None
+    peak_mem_mb: float
+    device_mem_mb: float | None
+    iters: int
+    engine: str | None = None
+    note: str = ""
+    gflops_per_s: float | None = None
+    peak_flops_fraction: float | None = None
+    floor_bytes_fraction: float | None = None
+
+
+class TorchVariantBackend(TorchBackend):
+    """The PyTorch backend run as a variant: under autocast, compiled, or with the Triton intervention."""
+
+    def __init__(self, path, device: str, name: str, variant: TorchVariant):
+        self.variant = variant
+        super().__init__(path, device)
+        self.name = name
+
+    def load(self) -> None:
+        super().load()
+        import torch
+
+        if self.variant.impl != "torch":
+            self.model.set_intervention_impl(self.variant.impl)
+        if self.variant.compile_mode:  # the model's forward calls these two
+            self.model.frame_tokens = torch.compile(self.model.frame_tokens, mode=self.variant.compile_mode)
+            self.model.head = torch.compile(self.model.head, mode=self.variant.compile_mode)
+
+    def infer(self, part: str, feeds: dict) -> dict:
+        import torch
+
+        if self.variant.precision == "fp32":
+            return super().infer(part, feeds)
+        with torch.autocast(self.device, dtype=torch_dtype(self.variant.precision)):
+            return super().infer(part, feeds)
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+class SkipStage(Exception):
+    """A stage that cannot run here; the message says why."""
+
+
+class Bench:
+    """One benchmark run: `run()` returns the report (machine, settings, floors, records, comparisons, skipped)."""
+
+    def __init__(self, settings: BenchSettings, progress=None, log=None, debug: bool = False):
+        import torch
+
+        self.s = settings
+        self.device = resolve_device(settings.device)
+        self.cuda = self.device == "cuda"
+        self.threads = settings.threads or torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        self.progress, self.debug = progress, debug
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.records: list[Record] = []
+        self.skipped: list[dict] = []
+        self.work = Path(tempfile.mkdtemp(prefix="cmdcl-bench-"))
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> dict:
+        s = self.s
+        machine = machine_info(self.device, self.threads)
+        self.log(f"cmdcl-bench: {machine['cpu']} ({machine['cores']} cores, {self.threads} threads), device {self.device}"
+                 + (f" ({machine['gpu']})" if machine["gpu"] else "") + f", load average {machine['load_average']}")
+        peaks = measured_peaks(self.device, self.threads)
+        info = cfg = video = None
+        for label, load in self.plan_backends():
+            backend = self.load_or_skip(label, load)
+            if backend is None:
+                continue
+            if info is None:  # the first model sets F, the image size and the stream grid for the video stages
+                info, cfg = backend.info, backend_config(backend)
+                grid_rate = info.num_frames / info.window_seconds
+                stride_frames = s.stride_frames or max(1, round(info.stride_seconds * grid_rate))
+                self.stride_seconds = stride_frames / grid_rate
+                if set(s.stages) & {"decode_video", "decode_stream", "preprocess", "end_to_end", "stream_update"}:
+                    video = self.bench_video(info, stride_frames)
+                self.video_stages(info, video)
+            stages = [stage for stage in MODEL_STAGES if stage in s.stages]
+            if "intervention" in stages and not isinstance(backend, TorchBackend):
+                stages.remove("intervention")
+                self.skip(label, "intervention", "the op runs inside this backend's graph; it is timed alone through PyTorch only")
+            for batch in s.batches:
+                for stage in stages:
+                    self.measure_model_stage(backend, label, stage, batch, video)
+            del backend
+            gc.collect()
+        if info is None:
+            raise BackendError("nothing to measure: no backend could run here (see the reasons above)")
+        num_classes = len(info.classes)
+        floors_by_batch = {b: floor_counts.model_floors(cfg, num_classes, b) for b in s.batches} if cfg else {}
+        self.add_fractions(floors_by_batch, peaks)
+        machine["load_average_end"] = load_average()
+        return {
+            "tool": "cmdcl-bench",
+            "toolkit_version": __version__,
+            "machine": machine,
+            "measured_peaks": peaks,
+            "settings": {**_plain(asdict(s)), "device": self.device, "threads": self.threads, "num_frames": info.num_frames,
+                         "image_size": info.image_size, "num_classes": num_classes, "stride_frames": stride_frames,
+                         "video": str(video) if video else None},  # fmt: skip
+            "config": cfg.to_dict() if cfg else None,
+            "floors": {str(b): f for b, f in floors_by_batch.items()},
+            "records": [asdict(r) for r in self.records],
+            "comparisons": comparisons(self.records),
+            "skipped": self.skipped,
+        }
+
+    # ---- backends ------------------------------------------------------------------------------
+    def plan_backends(self) -> list:
+        """[(name, loader)] in run order; names that cannot run here are skipped with the reason."""
+        s = self.s
+        if s.engines:
+            backend = (s.backends or ("auto",))[0]
+            if len(s.backends) > 1:
+                raise BackendError("with --engine, give at most one --backend (it applies to every engine)")
+            labels = [_engine_label(path, backend) for path in s.engines]
+            labels = [f"{label}:{Path(path).name}" if labels.count(label) > 1 else label for label, path in zip(labels, s.engines)]
+            return [(label, lambda p=path: self.load_engine(p, backend)) for label, path in zip(labels, s.engines)]
+        names = s.backends or (GPU_DEFAULT + (("torch-fp16-cudagraphs",) if s.cuda_graphs else ()) if self.cuda else CPU_DEFAULT)
+        plans = []
+        for name in names:
+            if name not in BACKENDS:
+                raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+            variant = TORCH_VARIANTS.get(name)
+            if not self.cuda and (name == "trt" or (variant and variant.needs_cuda)):
+                self.skip(name, "all", "needs an NVIDIA GPU (no CUDA device visible to PyTorch)")
+                continue
+            plans.append((name, lambda n=name: self.load_generated(n)))
+        return plans
+
+    def load_or_skip(self, name: str, load) -> Backend | None:
+        try:
+            return load()
+        except (BackendError, ImportError, RuntimeError) as exc:
+            if self.debug:
+                raise
+            self.skip(name, "all", f"could not load: {_one_line(exc)}")
+            return None
+
+    def load_engine(self, path, backend: str) -> Backend:
+        loaded = load_backend(path, backend, self.device)
+        if isinstance(loaded, OrtBackend):
+            loaded.threads = self.threads  # sessions open on first use
+        return loaded
+
+    def load_generated(self, name: str) -> Backend:
+        checkpoint = self.generated_model()
+        if name in TORCH_VARIANTS:
+            return TorchVariantBackend(checkpoint, self.device, name, TORCH_VARIANTS[name])
+        onnx_path = self.generated_onnx()
+        if name == "ort":
+            return OrtBackend(onnx_path, self.device, threads=self.threads)
+        from ..export.tensorrt_build import EngineBuildError, build_engines
+
+        plan = self.work / "model.plan"
+        if not plan.exists():
+            self.log("cmdcl-bench: building TensorRT engines (fp16) from the exported ONNX")
+            try:
+                build_engines(onnx_path, plan, precision="fp16", max_batch=max(self.s.batches))
+            except EngineBuildError as exc:
+                raise BackendError(str(exc)) from None
+        return load_backend(plan, "trt", self.device)
+
+    def generated_model(self) -> Path:
+        """A random-weight model of the preset, saved once as a checkpoint."""
+        path = self.work / "model.pt"
+        if not path.exists():
+            import torch
+
+            from ..model import CMDCL, preset, save_checkpoint
+
+            overrides = dict(self.s.config_overrides)
+            if self.s.frames:
+                overrides["num_frames"] = self.s.frames
+            cfg = preset(self.s.preset, **overrides)
+            torch.manual_seed(0)
+            save_checkpoint(CMDCL(cfg, [f"class {i}" for i in range(self.s.classes)]).eval(), path)
+        return path
+
+    def generated_onnx(self) -> Path:
+        path = self.work / "model.onnx"
+        if not path.exists():
+            from ..export import export_onnx
+            from ..model import load_checkpoint
+
+            self.log(f"cmdcl-bench: exporting the {self.s.preset} model to ONNX (full graph + frame_encoder + head)")
+            export_onnx(load_checkpoint(self.generated_model()), path)
+        return path
+
+    # ---- videos --------------------------------------------------------------------------------
+    def bench_video(self, info, stride_frames: int) -> Path:
+        """--video, or a generated 720p video long enough for the stream updates asked for."""
+        if self.s.video:
+            return Path(self.s.video)
+        grid_rate = info.num_frames / info.window_seconds
+        seconds = (info.num_frames + (self.s.warmup + self.s.iters + 1) * stride_frames) / grid_rate + 1
+        return synthetic_video(seconds, BENCH_GOP_SECONDS, self.log)
+
+    def video_stages(self, info, video: Path | None) -> None:
+        f, size = info.num_frames, info.image_size
+        s = self.s
+        if "decode_video" in s.stages:
+            duration = read_clip(video, f, size).duration
+            self.measure("pyav", "decode_video", 1, lambda: read_clip(video, f, size), clips=1, video_seconds=duration,
+                         note=f"{f} frames, {_video_label(video)}")  # fmt: skip
+        if "decode_stream" in s.stages:
+            grid_rate = f / info.window_seconds
+            with PeakMemory() as memory:
+                times = time_steps(iter_grid_frames(video, grid_rate, size), skip=s.warmup)
+            self.add("pyav", "decode_stream", 1, times, memory, "frames/s", 1, 1 / grid_rate,
+                     note=f"one grid frame at {grid_rate:g}/s, {_video_label(video)}")  # fmt: skip
+        if "preprocess" in s.stages:
+            decoded = first_frames(video, f)
+            self.measure("pyav", "preprocess", 1, lambda: [frame_to_rgb(frame, size) for frame in decoded], clips=1,
+                         note=f"{f} frames {decoded[0].width}x{decoded[0].height} -> {size}x{size} RGB")  # fmt: skip
+        if "long_video" in s.stages:
+            long_video = Path(s.long_video) if s.long_video else synthetic_video(s.long_minutes * 60, LONG_GOP_SECONDS, self.log)
+            iters = min(s.iters, LONG_ITERS)
+            for strategy in ("seek", "sequential"):
+                clip = read_clip(long_video, f, size, strategy=strategy)  # also the warm-up (file cache)
+                self.measure("pyav", f"long_video_{strategy}", 1, lambda st=strategy: read_clip(long_video, f, size, strategy=st),
+                             clips=1, video_seconds=clip.duration, iters=iters, warmup=0,
+                             note=f"{clip.frames_decoded} frames decoded for {f} ({clip.strategy}), {_video_label(long_video)}, "
+                                  f"iters capped at {LONG_ITERS}")  # fmt: skip
+
+    # ---- model stages -------------------------------------------------------------------------
+    def measure_model_stage(self, backend: Backend, name: str, stage: str, batch: int, video: Path | None) -> None:
+        info = backend.info
+        f, size = info.num_frames, info.image_size
+        rng = np.random.default_rng(batch)
+        engine = str(backend.path) if self.s.engines else None
+        try:
+            if stage == "frame_encoder":
+                frames = rng.integers(0, 256, (batch * f, size, size, 3), dtype=np.uint8)
+                self.measure(name, stage, batch, lambda: backend.encode_frames(frames), clips=batch, engine=engine,
+                             note=f"{batch * f} frames", cuda=self.cuda)  # fmt: skip
+            elif stage == "head":
+                tokens = rng.standard_normal((batch, f, info.tokens_per_frame, info.width), dtype=np.float32)
+                self.measure(name, stage, batch, lambda: backend.classify_tokens(tokens), clips=batch, engine=engine, cuda=self.cuda)
+            elif stage == "intervention":
+                self.measure_intervention(backend, name, batch, engine)
+            elif stage == "clip":
+                frames = rng.integers(0, 256, (batch, f, size, size, 3), dtype=np.uint8)
+                self.measure(name, stage, batch, lambda: backend.classify_clips(frames), clips=batch, engine=engine, cuda=self.cuda)
+            elif stage == "end_to_end":
+                recognizer = Recognizer(backend, batch=batch)
+                duration = read_clip(video, f, size).duration
+                self.measure(name, stage, batch, lambda: list(recognizer.predict_many([video] * batch)), clips=batch,
+                             video_seconds=batch * duration, engine=engine, note=f"decode + classify, {_video_label(video)}")  # fmt: skip
+            elif stage == "stream_update":
+                self.measure_stream(backend, name, batch, video, engine)
+        except SkipStage as exc:
+            self.skip(name, stage, str(exc), batch)
+        except (BackendError, RuntimeError, ValueError, ImportError) as exc:  # e.g. a GPU variant this stack cannot compile
+            if self.debug:
+                raise
+            self.skip(name, stage, f"failed: {_one_line(exc)}", batch)
+
+    def measure_intervention(self, backend: Backend, name: str, batch: int, engine) -> None:
+        """The fused op alone on the model's own memories, in the variant's precision and implementation."""
+        import torch
+
+        from ..kernels import causal_intervention
+
+        model = backend.model
+        variant = getattr(backend, "variant", TorchVariant())
+        dtype = torch_dtype(variant.precision)
+        with torch.inference_mode():
+            memories = [m.to(dtype) for m in model.intervention_memories(model.text_features())]
+        seq_len = model.cfg.num_frames * model.cfg.tokens_per_frame
+        q = torch.randn(batch, seq_len, model.cfg.width, device=backend.device, dtype=dtype)
+        op = causal_intervention
+        if variant.compile_mode:
+            op = torch.compile(causal_intervention, mode=variant.compile_mode)
+
+        def run():
+            with torch.inference_mode():
+                op(q, *memories, num_heads=model.cfg.heads, impl=variant.impl)
+
+        self.measure(name, "intervention", batch, run, clips=batch, engine=engine, cuda=self.cuda,
+                     note=f"B={batch} L={seq_len} D={model.cfg.width} C={memories[0].shape[1]} Kz={memories[2].shape[1]}")  # fmt: skip
+
+    def measure_stream(self, backend: Backend, name: str, batch: int, video: Path, engine) -> None:
+        """Recognizer.stream_many over `batch` copies of the video: ms per window update (the first window, which fills
+        the ring buffer, and `warmup` updates are dropped)."""
+        recognizer = Recognizer(backend, stride=self.stride_seconds)
+
+        def rounds():
+            windows = 0
+            for record in recognizer.stream_many([video] * batch):
+                if "window" in record:
+                    windows += 1
+                    if windows % batch == 0:  # every stream produced this window
+                        yield windows // batch
+
+        with PeakMemory(self.cuda) as memory:
+            times = time_steps(rounds(), skip=1 + self.s.warmup)
+        if not times:
+            raise SkipStage(f"{video} is too short for {1 + self.s.warmup + 1} windows")
+        stride_frames = recognizer.stride_frames
+        self.add(name, "stream_update", batch, times, memory, "windows/s", batch, batch * self.stride_seconds,
+                 engine=engine, note=f"{stride_frames} new frames per stream (stride {self.stride_seconds:g} s), incl. decoding")  # fmt: skip
+
+    # ---- recording -----------------------------------------------------------------------------
+    def measure(self, backend: str, stage: str, batch: int, fn, clips: int, video_seconds: float | None = None,
+                engine=None, note: str = "", cuda: bool = False, iters: int | None = None, warmup: int | None = None) -> None:  # fmt: skip
+        iters = iters or self.s.iters
+        warmup = self.s.warmup if warmup is None else warmup
+        if TORCH_VARIANTS.get(backend, TorchVariant()).compile_mode:
+            warmup = max(warmup, 3)  # compilation, then CUDA graph recording, happen in the first calls
+        with PeakMemory(cuda) as memory:
+            times = time_calls(fn, iters, warmup, cuda)
+        self.add(backend, stage, batch, times, memory, "clips/s", clips, video_seconds, engine, note)
+
+    def add(self, backend, stage, batch, times, memory: PeakMemory, unit: str, per_call: float, video_seconds,
+            engine=None, note: str = "") -> None:  # fmt: skip
+        p = percentiles(times)
+        seconds = p["p50_ms"] / 1e3
+        if not memory.host_exact:
+            note = (note + "; " if note else "") + "peak_mem_mb is the process's lifetime peak"
+        self.records.append(Record(
+            backend=backend, stage=stage, batch=batch, **p, throughput=round(per_call / seconds, 4), unit=unit,
+            video_s_per_s=round(video_seconds / seconds, 3) if video_seconds else None, peak_mem_mb=memory.host_mb,
+            device_mem_mb=memory.device_mb, iters=len(times), engine=engine, note=note,
+        ))  # fmt: skip
+        if self.progress:
+            self.progress(f"{backend} {stage} batch {batch}: p50 {p['p50_ms']:.2f} ms")
+
+    def skip(self, backend: str, stage: str, reason: str, batch: int | None = None) -> None:
+        self.skipped.append({"backend": backend, "stage": stage, "batch": batch, "reason": reason})
+        self.log(f"cmdcl-bench: skipped {backend} {stage}" + (f" batch {batch}" if batch else "") + f": {reason}")
+
+    def add_fractions(self, floors_by_batch: dict, peaks: dict) -> None:
+        """Achieved FLOP/s against the FLOP floor, as a fraction of the measured GEMM peak; for whole clips also
+        the byte floor per second against the measured copy bandwidth."""
+        for r in self.records:
+            part = FLOP_STAGES.get(r.stage)
+            if part is None or r.batch not in floors_by_batch:
+                continue
+            floor = floors_by_batch[r.batch]
+            achieved = floor["flops"][part] * r.batch / (r.p50_ms / 1e3)
+            precision = "fp16" if ("fp16" in r.backend or "bf16" in r.backend or r.backend == "trt") else "fp32"
+            peak = peaks.get(f"gemm_{precision}_flops") or peaks["gemm_fp32_flops"]
+            r.gflops_per_s = round(achieved / 1e9, 3)
+            r.peak_flops_fraction = round(achieved / peak, 4)
+            if r.stage == "clip":
+                r.floor_bytes_fraction = round(floor["bytes_per_clip"] * r.batch / (r.p50_ms / 1e3) / peaks["copy_bytes_per_s"], 4)
+
+
+def comparisons(records: list[Record]) -> list[dict]:
+    """Ratios of p50 latencies (>1: the first named is faster):
+    each backend vs PyTorch eager fp32 ("torch") on the same stage and batch; the stream update
+    vs re-running the whole clip; seek-based vs sequential decoding of the long video."""
+    by_key = {(r.backend, r.stage, r.batch): r for r in records}
+    out = []
+    for r in records:
+        base = by_key.get(("torch", r.stage, r.batch))
+        if base and r.backend not in ("torch", "pyav"):
+            out.append({"comparison": f"{r.backend} vs torch", "stage": r.stage, "batch": r.batch,
+                        "speedup": round(base.p50_ms / r.p50_ms, 3)})  # fmt: skip
+    for r in records:
+        clip = by_key.get((r.backend, "clip", r.batch))
+        if r.stage == "stream_update" and clip:
+            out.append({"comparison": "stream update (token cache) vs whole clip", "backend": r.backend, "batch": r.batch,
+                        "speedup": round(clip.p50_ms / r.p50_ms, 3)})  # fmt: skip
+    seek, sequential = by_key.get(("pyav", "long_video_seek", 1)), by_key.get(("pyav", "long_video_sequential", 1))
+    if seek and sequential:
+        out.append({"comparison": "seek vs sequential (long video)", "stage": "long_video", "batch": 1,
+                    "speedup": round(sequential.p50_ms / seek.p50_ms, 3)})  # fmt: skip
+    return out
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda: PyTorch sees no CUDA GPU on this machine")
+    return device
+
+
+def backend_config(backend: Backend):
+    """The CMDCLConfig a loaded backend runs (from the checkpoint, or the exported metadata's "config")."""
+    from ..model.config import CMDCLConfig
+
+    if isinstance(backend, TorchBackend):
+        return backend.model.cfg
+    config = getattr(backend, "meta", {}).get("config")
+    return CMDCLConfig.from_dict(config) if config else None
+
+
+def synthetic_video(seconds: float, gop_seconds: float, log) -> Path:
+    """A 720p 30 fps H.264 test pattern (FFmpeg's testsrc2 through PyAV's lavfi input), keyframes every
+    `gop_seconds`, cached under the cmdcl cache directory."""
+    import av
+
+    width, height = VIDEO_SIZE
+    seconds = round(seconds, 1)
+    path = cache_dir() / "bench" / f"testsrc2-{width}x{height}-{VIDEO_RATE}fps-gop{gop_seconds}s-{seconds:g}s.mp4"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"cmdcl-bench: generating {path.name} (once; cached)")
+    tmp = path.with_name(path.name + ".tmp.mp4")
+    source = av.open(f"testsrc2=size={width}x{height}:rate={VIDEO_RATE}:duration={seconds:g}", format="lavfi")
+    with source, av.open(str(tmp), "w") as out:
+        stream = out.add_stream("libx264", rate=VIDEO_RATE, options={"preset": "ultrafast", "crf": "30"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.gop_size = int(gop_seconds * VIDEO_RATE)
+        for frame in source.decode(video=0):
+            for packet in stream.encode(frame.reformat(format="yuv420p")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    tmp.replace(path)
+    return path
+
+
+def first_frames(video: Path, count: int) -> list:
+    """The first `count` decoded frames (PyAV frames, native size), repeated if the video is shorter."""
+    container, stream = open_video(video)
+    with container:
+        frames = []
+        for frame in container.decode(stream):
+            frames.append(frame)
+            if len(frames) == count:
+                break
+    return [frames[i % len(frames)] for i in range(count)]
+
+
+def _video_label(path: Path) -> str:
+    container, stream = open_video(path)
+    with container:
+        return f"{Path(path).name} {stream.codec_context.width}x{stream.codec_context.height} {stream.codec_context.name}"
+
+
+def _engine_label(path, backend: str) -> str:
+    suffix = Path(path).suffix.lower()
+    return {".onnx": "ort", ".pt": "torch"}.get(suffix, "trt") if backend == "auto" else backend
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _plain(value):
+    """Paths and tuples to JSON types."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value

@@ -1,0 +1,147 @@
+"""`cmdcl-bench`: latency, throughput and memory of every runtime stage, per backend."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+STAGE_HELP = ("decode_video, decode_stream, preprocess, frame_encoder, head, intervention, clip, end_to_end, "
+              "stream_update, long_video")  # fmt: skip
+
+
+def _int_list(ctx, param, value):
+    try:
+        numbers = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,8,32, got {value!r}") from None
+    if not numbers or min(numbers) < 1:
+        raise click.BadParameter("batch sizes must be integers >= 1")
+    return tuple(dict.fromkeys(numbers))
+
+
+def _stage_list(ctx, param, value):
+    from ..bench.runner import STAGES
+
+    stages = tuple(x.strip() for x in value.split(",") if x.strip())
+    unknown = [x for x in stages if x not in STAGES]
+    if unknown or not stages:
+        raise click.BadParameter(f"unknown stage {', '.join(unknown) or value!r}; choose from {', '.join(STAGES)}")
+    return stages
+
+
+def _backend_names():
+    from ..bench.runner import BACKENDS
+
+    return ["auto", *BACKENDS]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", "engines", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model file to measure (.onnx, .plan, .pt); repeat for several. Default: random-weight models of --preset.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(_backend_names()),
+              help="Backend(s) to measure; repeatable. Default on CPU: torch, ort. On a GPU also torch-fp16, torch-bf16, "
+                   "torch-compile, torch-fp16-triton (fused Triton intervention) and trt. With --engine: how to run the files (auto: by suffix).")
+@click.option("--preset", type=click.Choice(["tiny", "base"]), default="tiny", show_default=True,
+              help="Model size when no --engine is given (base: CLIP ViT-B/16, 224 px, 64 frames).")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list, help="Batch sizes (clips or streams), comma-separated, e.g. 1,8,32.")
+@click.option("--frames", type=click.IntRange(min=1), help="Frames per clip F for the generated model (default: the preset's).")
+@click.option("--classes", type=click.IntRange(min=1), default=200, show_default=True, help="Classes of the generated model.")
+@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed calls per stage.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed calls first (compiled variants take at least 3).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: cuda when PyTorch sees a GPU.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and ONNX Runtime alike (default: PyTorch's default).")
+@click.option("--stages", default=",".join(("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip",
+                                              "end_to_end", "stream_update", "long_video")), callback=_stage_list,
+              help=f"Comma-separated subset of: {STAGE_HELP}.")  # fmt: skip
+@click.option("--video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Video for the decode, end-to-end and stream stages. Default: a generated 720p H.264 test pattern (cached).")
+@click.option("--long-video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Long video for seek vs sequential decoding. Default: a generated 720p H.264 with a keyframe every 10 s.")
+@click.option("--long-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Length of the generated long video.")
+@click.option("--stride-frames", type=click.IntRange(min=1), help="Stream mode: new grid frames per window update (default: the model's, F/2).")
+@click.option("--cuda-graphs", is_flag=True, help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records and the machine as JSON here.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a PNG of latency per stage and backend.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.option("--debug", is_flag=True, help="Tracebacks instead of one-line errors; a failing stage stops the run.")
+def main(engines, backends, preset, batches, frames, classes, iters, warmup, device, threads, stages, video, long_video,
+         long_minutes, stride_frames, cuda_graphs, json_path, plot, quiet, debug):  # fmt: skip
+    """Measure CMDCL inference stage by stage: decoding (video and stream
+    mode), preprocessing, frame encoder, head, the intervention op alone, the
+    whole clip, decode + classify end to end, and a stream window update,
+    with p50/p90/p99 latency, throughput (clips/s, video-seconds per second)
+    and peak memory. Prints a table and the ratios between backends (ONNX
+    Runtime vs PyTorch at the same thread count; on a GPU fp16/bf16,
+    torch.compile, the fused Triton intervention and TensorRT vs PyTorch
+    eager fp32), the token-cache stream update vs re-running the clip, and
+    seek-based vs sequential sampling of a long video.
+
+    Without --engine the models are random-weight models of --preset: latency
+    does not depend on the weights. GPU timings use CUDA events after warm-up;
+    GPU-only backends are skipped, with the reason, when no GPU is visible.
+    """
+    from ..bench import report as output
+    from ..bench.runner import Bench, BenchSettings
+    from ..runtime.backends import BackendError
+
+    if engines and frames:
+        raise click.UsageError("--frames applies to the generated models; an --engine's frame count is fixed")
+    if json_path:
+        _check_writable(json_path, "--json")
+    if plot:
+        _check_writable(plot, "--plot")
+    settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"), batches=batches, frames=frames,
+                             classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,
+                             video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames,
+                             cuda_graphs=cuda_graphs)  # fmt: skip
+    from tqdm import tqdm
+
+    bar = tqdm(unit="stage", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
+
+    def progress(message):  # a bar on a terminal, one line per stage in a log
+        if bar.disable:
+            log(message)
+        else:
+            bar.set_postfix_str(message, refresh=False)
+            bar.update(1)
+
+    def log(message):
+        if not quiet:
+            bar.write(message, file=sys.stderr)
+
+    try:
+        report = Bench(settings, progress=progress, log=log, debug=debug).run()
+    except (BackendError, OSError, ValueError, RuntimeError) as exc:
+        bar.close()
+        if debug:
+            traceback.print_exc()
+        click.echo(f"cmdcl-bench: error: {_one_line(exc)}", err=True)
+        sys.exit(1)
+    bar.close()
+    report["command"] = shlex.join(["cmdcl-bench", *sys.argv[1:]])
+    click.echo(output.text_report(report))
+    if json_path:
+        output.write_json(report, json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot:
+        output.plot_latency(report, plot)
+        click.echo(f"wrote {plot}", err=True)
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail before an hour of measuring, not after."""
+    if not path.parent.is_dir():
+        raise click.BadParameter(f"{path}: directory {path.parent} does not exist", param_hint=option)
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    main()
