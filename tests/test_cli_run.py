@@ -11,7 +11,7 @@ import time
 import av
 import pytest
 from click.testing import CliRunner
-from test_runtime import tiny_checkpoint, videos  # noqa: F401  (fixtures)
+from test_runtime import demo_assets, tiny_checkpoint, videos  # noqa: F401  (fixtures)
 from test_video import BAD_FILES
 
 from cmdcl.cli.run import main
@@ -117,7 +117,7 @@ def test_killed_run_leaves_only_valid_json_lines(tiny_checkpoint, videos, tmp_pa
 
 
 def test_default_engine_is_the_demo_model(tmp_path, monkeypatch):
-    assets = pytest.importorskip("cmdcl.assets", reason="the bundled demo model/video (cmdcl.assets) is not in this checkout")
+    assets = demo_assets()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     result = run([assets.demo_video()])
     assert result.exit_code == 0, result.output

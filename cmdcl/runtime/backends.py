@@ -320,7 +320,10 @@ def demo_engine() -> Path:
         from .. import assets
     except ImportError:
         raise BackendError("no --engine given and this install has no bundled demo model (cmdcl.assets)") from None
-    checkpoint = Path(assets.demo_checkpoint())
+    try:
+        checkpoint = Path(assets.demo_checkpoint())
+    except FileNotFoundError as exc:
+        raise BackendError(f"no --engine given and the demo model is missing: {exc}") from None
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
     target = cache_dir() / f"demo-{digest}"
     if not (target / "model.head.onnx").exists():
