@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test run clean
+.PHONY: venv serve-venv test run clean
 
 venv: $(VENV)/.installed
 
@@ -16,11 +16,23 @@ $(VENV)/.installed: setup.py Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: venv
+# cmdcl-serve and the serving tests: PyTriton pins numpy<2 (the main venv has numpy 2), so its own venv
+SERVE_VENV ?= .venv-serve
+
+serve-venv: $(SERVE_VENV)/.installed
+
+$(SERVE_VENV)/.installed: setup.py Makefile
+	test -x $(SERVE_VENV)/bin/python || python3 -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q '$(TORCH_SPEC)'
+	$(SERVE_VENV)/bin/python -m pip install -q -e '.[serve]'
+	touch $@
+
+test: venv serve-venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: venv
 	$(VENV)/bin/cmdcl-demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache

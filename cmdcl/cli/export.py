@@ -33,11 +33,17 @@ class _Failure(Exception):
 @click.option("--engine-precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Precision of the --engine build.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Largest batch of the engine's optimisation profile.")
+              help="Largest batch of the engine's optimisation profile (and of the --triton-repo models).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="TensorRT timing cache file, read and updated by the --engine build.")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a Triton Inference Server model repository here: frame_encoder and head with dynamic "
+                   "batching, a BLS model cmdcl for whole clips, a sequence-batching cmdcl_stream for cameras.")
+@click.option("--engine-format", default="onnx", show_default=True, type=click.Choice(["onnx", "plan"]),
+              help="--triton-repo backend: onnx (ONNX Runtime) or plan (TensorRT; builds --engine, default <out>.plan).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, debug):
+def main(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, triton_repo,
+         engine_format, debug):
     """Export a CMDCL checkpoint to ONNX.
 
     The graph takes uint8 RGB frames [B, F, H, W, 3] (normalisation inside)
@@ -48,7 +54,13 @@ def main(ckpt, out, opset, precision, split, verify, video, engine, engine_preci
     the runtime needs is in the file's metadata.
     """
     try:
+        if triton_repo and not split:
+            raise _Failure("--triton-repo needs the split graphs (drop --no-split)")
+        if triton_repo and engine_format == "plan" and engine is None:
+            engine = (out or ckpt.with_suffix(".onnx")).with_suffix(".plan")
         _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache)
+        if triton_repo:
+            _write_triton_repo(out or ckpt.with_suffix(".onnx"), triton_repo, engine_format, engine, max_batch)
     except Exception as exc:
         if debug:
             raise
@@ -63,8 +75,9 @@ def _known_errors() -> tuple:
     from cmdcl.export import ExportError
     from cmdcl.export.verify import VerificationError
     from cmdcl.model import CheckpointError
+    from cmdcl.serve.triton_repo import TritonRepoError
 
-    return (_Failure, ExportError, VerificationError, CheckpointError)
+    return (_Failure, ExportError, VerificationError, CheckpointError, TritonRepoError)
 
 
 def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache):
@@ -124,6 +137,21 @@ def _build_engines(paths, engine, precision, max_batch, timing_cache) -> list:
         return [build_engine(paths["model"], engine, **options)]
     except EngineBuildError as exc:
         raise _Failure(f"--engine: {exc}") from None
+
+
+def _write_triton_repo(model_onnx, repo, engine_format, engine, max_batch) -> None:
+    """The repository (cmdcl.serve.triton_repo), validated with Triton's config schema when tritonclient is here."""
+    import importlib.util
+
+    from cmdcl.serve.triton_repo import validate_triton_repo, write_triton_repo
+
+    write_triton_repo(model_onnx, repo, engine_format, engine, max_batch=max_batch, max_frames=max_batch)
+    if importlib.util.find_spec("tritonclient") is None:
+        click.echo(f"wrote triton repository {repo} (configs not validated: tritonclient is not installed here; "
+                   f"run .venv-serve/bin/python -m cmdcl.serve.triton_repo {repo})")
+        return
+    models = validate_triton_repo(repo)
+    click.echo(f"wrote triton repository {repo} ({', '.join(sorted(models))}; configs parsed with Triton's schema)")
 
 
 if __name__ == "__main__":

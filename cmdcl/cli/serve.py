@@ -1,0 +1,161 @@
+"""`cmdcl-serve`: serve a CMDCL model on Triton Inference Server through PyTriton."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+import numpy as np
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--engine", type=click.Path(dir_okay=False), help="Model file: .onnx (ONNX Runtime, with its split graphs "
+              "next to it), .plan (TensorRT) or .pt (PyTorch). Default: the bundled demo model.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "trt", "torch"]), default="auto", show_default=True,
+              help="As in cmdcl-run: auto picks by the engine's suffix.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP and gRPC endpoints bind to. Anything but loopback exposes the model to the network.")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
+              help="Triton's internal port (metrics are off).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Largest batch Triton's dynamic batcher forms across requests (clips for cmdcl/head, frames for frame_encoder).")
+@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="How long a request may wait for others to join its batch.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Labels per clip in the cmdcl model's top_labels/top_scores outputs.")
+@click.option("--debug", is_flag=True, help="Tracebacks for errors.")
+def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_batch, queue_delay_us, top_k, debug):
+    """Serve the runtime through PyTriton (the real Triton Inference Server; no GPU
+    needed) with dynamic batching across requests. Models: `cmdcl` (uint8 clips
+    [B, F, H, W, 3] -> logits, embedding, top_labels, top_scores), `frame_encoder`
+    and `head` (the streaming split). Stop with Ctrl-C or SIGTERM.
+
+    Clients: `cmdcl-client classify VIDEO`, any tritonclient (HTTP or gRPC).
+    """
+    from ..runtime.backends import BackendError, load_backend
+
+    try:
+        from ..serve.server import ServeConfig, serve
+        import pytriton  # noqa: F401  (fail here, with the fix, rather than inside serve)
+    except ImportError as exc:
+        _fail(f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
+              "make serve-venv, then .venv-serve/bin/cmdcl-serve", debug, exc)
+    if len({http_port, grpc_port, metrics_port}) != 3:
+        _fail("--http-port, --grpc-port and --metrics-port must differ", debug)
+    try:
+        model = load_backend(engine, backend, device)
+    except BackendError as exc:
+        _fail(str(exc), debug, exc)
+    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                         max_batch=max_batch, queue_delay_us=queue_delay_us, top_k=top_k)
+
+    def ready(names):
+        click.echo(f"cmdcl-serve: serving {model.path} ({model.name}) as {', '.join(names)} on "
+                   f"http://{host}:{http_port} and grpc {host}:{grpc_port}", err=True)
+
+    signal.signal(signal.SIGTERM, _stop)  # leave the with-block: PyTriton stops tritonserver and its workers
+    try:
+        serve(model, config, on_ready=ready)
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # PyTriton's start-up errors (a port in use, a model that fails to load)
+        _fail(f"the server stopped: {_first_line(exc)}", debug, exc)
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, debug: bool, exc: Exception | None = None, prog: str = "cmdcl-serve"):
+    if debug and exc is not None:
+        raise exc
+    click.echo(f"{prog}: error: {message}", err=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def client():
+    """Talk to a cmdcl-serve (or any Triton serving the cmdcl model) with tritonclient."""
+
+
+_url = click.option("--url", default=None, help="host:port of the server [default: 127.0.0.1:8000 for http, :8001 for grpc].")
+_protocol = click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+
+
+@client.command()
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_url
+@_protocol
+@click.option("--debug", is_flag=True, help="Tracebacks for errors.")
+def classify(videos, url, protocol, debug):
+    """Send each VIDEO's frames (sampled as cmdcl-run --mode video does) and print its labels as a JSON line."""
+    import json
+
+    from ..data.video import VideoError
+    from ..serve.client import clip_frames, connect, infer
+
+    failed = False
+    try:
+        connection = connect(url or _default_url(protocol), protocol)
+        for video in videos:
+            try:
+                outputs = infer(connection, protocol, clip_frames(connection, protocol, video)[None])
+            except VideoError as exc:
+                click.echo(f"cmdcl-client: {exc}", err=True)
+                failed = True
+                continue
+            top = [{"label": label, "score": round(float(score), 6)}
+                   for label, score in zip(outputs["top_labels"][0], outputs["top_scores"][0])]
+            click.echo(json.dumps({"video": video, "top": top}))
+    except Exception as exc:  # connection refused, server errors: one line
+        _fail(f"{url or _default_url(protocol)}: {_first_line(exc)}", debug, exc, "cmdcl-client")
+    sys.exit(3 if failed else 0)
+
+
+@client.command("load-test")
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--engine", required=True, type=click.Path(dir_okay=False),
+              help="The model file the server serves; its offline answers are what every response must equal.")
+@_url
+@_protocol
+@click.option("--clients", type=click.IntRange(1, 256), default=4, show_default=True, help="Concurrent clients.")
+@click.option("--seconds", type=click.FloatRange(0, 600, min_open=True), default=10.0, show_default=True,
+              help="Stop sending after this long.")
+@click.option("--max-requests", type=click.IntRange(min=1), default=2000, show_default=True, help="Stop after this many requests.")
+@click.option("--debug", is_flag=True, help="Tracebacks for errors.")
+def load_test_command(videos, engine, url, protocol, clients, seconds, max_requests, debug):
+    """N concurrent clients for a bounded time against the server; prints p50/p99 latency,
+    throughput and the number of responses that differ from the offline runtime's result
+    for the same frames (exit status 1 if any error or mismatch)."""
+    import json
+
+    from ..data.video import read_clip
+    from ..runtime.backends import load_backend
+    from ..serve.client import load_test
+
+    try:
+        backend = load_backend(engine)
+        clips = [read_clip(video, backend.info.num_frames, backend.info.image_size).frames for video in videos]
+        expected = list(backend.classify_clips(np.stack(clips)))
+        report = load_test(url or _default_url(protocol), protocol, clips, expected, clients, seconds, max_requests)
+    except Exception as exc:
+        _fail(_first_line(exc), debug, exc, "cmdcl-client")
+    click.echo(json.dumps(report.summary()))
+    sys.exit(1 if report.errors or report.mismatches or not report.requests else 0)
+
+
+def _default_url(protocol: str) -> str:
+    return "127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,325 @@
+"""A Triton Inference Server model repository for an exported CMDCL model.
+
+    repo/
+      frame_encoder/   config.pbtxt, 1/model.onnx (or model.plan)   frames uint8 [N, H, W, 3] -> tokens [N, S, D]
+      head/            config.pbtxt, labels.txt, 1/model.onnx|plan   tokens [B, F, S, D] -> logits [B, C], embedding
+      cmdcl/           config.pbtxt, labels.txt, 1/model.py          BLS: a whole clip frames [B, F, H, W, 3] -> logits, embedding
+      cmdcl_stream/    config.pbtxt, labels.txt, 1/model.py          sequence batching: one frame per request, one sequence per camera
+
+frame_encoder and head run on Triton's ONNX Runtime backend (the exported
+graphs; the CausalIntervention node's local function needs no custom-op
+library) or its TensorRT backend (engines from cmdcl-build), with dynamic
+batching. `cmdcl` and `cmdcl_stream` are Python-backend models (the file
+`triton_bls.py` of this package, copied) that call the two over BLS, so
+frames of all clips and all cameras share frame-encoder batches.
+
+Configs are written as protobuf text; `validate_triton_repo` parses them with
+the `ModelConfig` schema that tritonclient ships and checks every tensor
+against the model files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from ..export.metadata import ModelFileError, graph_interface, read_metadata
+
+ENGINE_FORMATS = ("onnx", "plan")
+INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
+LABELS_FILE = "labels.txt"
+CLIP_MODEL, STREAM_MODEL = "cmdcl", "cmdcl_stream"
+MODEL_FILES = {"onnx": "model.onnx", "plan": "model.plan"}
+PLATFORMS = {"onnx": ("onnxruntime", "onnxruntime_onnx"), "plan": ("tensorrt", "tensorrt_plan")}
+BLS_SOURCE = Path(__file__).with_name("triton_bls.py")
+SEQUENCE_IDLE_US = 60_000_000  # a camera silent for a minute loses its window
+
+
+class TritonRepoError(ValueError):
+    """A repository that cannot be written or does not validate; one line naming the file."""
+
+
+class _Enum(str):
+    """A protobuf enum value: written bare in text format, not quoted."""
+
+
+def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None, max_batch: int = 8,
+                      max_frames: int = 64, instance_kind: str = "auto", instance_count: int = 1,
+                      queue_delay_us: int = 2000, stride_frames: int | None = None) -> list[Path]:
+    """Write the four models for `model_onnx` (exported with its split graphs) into `repo`.
+
+    `engine_format="plan"` takes the TensorRT engines `<engine stem>.frame_encoder.plan`
+    and `.head.plan` that cmdcl-build wrote for `engine`. `max_batch` is the most clips
+    per head call (and frames per cmdcl_stream batch), `max_frames` the most frames per
+    frame_encoder call; a plan's optimisation profile bounds both. `stride_frames` (the
+    stream model's window step) defaults to the model's recorded sampling. Returns the
+    config files written.
+    """
+    if engine_format not in ENGINE_FORMATS:
+        raise TritonRepoError(f"engine format must be one of {', '.join(ENGINE_FORMATS)}, not {engine_format!r}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise TritonRepoError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, not {instance_kind!r}")
+    if min(max_batch, max_frames, instance_count) < 1 or queue_delay_us < 0:
+        raise TritonRepoError("max batch, max frames and instance count must be >= 1, queue delay >= 0")
+    model_onnx, repo = Path(model_onnx), Path(repo)
+    meta = _read(model_onnx)
+    sources = _engine_files(model_onnx, engine_format, engine, max_batch, max_frames)
+    f, size, s, d = meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"]
+    stride = stride_frames or int(meta["sampling"].get("stride_frames", max(1, f // 2)))
+    if stride < 1:
+        raise TritonRepoError(f"stride frames must be >= 1, not {stride}")
+    labels = "".join(f"{name}\n" for name in meta["classes"])
+    if any("\n" in name for name in meta["classes"]):
+        raise TritonRepoError(f"{model_onnx}: a class name contains a newline; Triton's labels file is one per line")
+
+    kind = "KIND_GPU" if engine_format == "plan" else INSTANCE_KINDS[instance_kind]
+    backend, platform = PLATFORMS[engine_format]
+    batching = {"max_queue_delay_microseconds": queue_delay_us}
+    frames_in = [_tensor("frames", "TYPE_UINT8", [size, size, 3])]
+    heads_out = [_tensor("logits", "TYPE_FP32", [len(meta["classes"])], label_filename=LABELS_FILE),
+                 _tensor("embedding", "TYPE_FP32", [d])]
+    bls_parameters = _parameters(num_frames=f, frame_encoder_max_batch=max_frames, head_max_batch=max_batch,
+                                 stride_frames=stride, sequence_idle_us=SEQUENCE_IDLE_US)
+    configs = {
+        "frame_encoder": {
+            "name": "frame_encoder", "backend": backend, "platform": platform, "max_batch_size": max_frames,
+            "input": frames_in, "output": [_tensor("tokens", "TYPE_FP32", [s, d])],
+            "dynamic_batching": batching, "instance_group": [{"count": instance_count, "kind": _Enum(kind)}],
+        },
+        "head": {
+            "name": "head", "backend": backend, "platform": platform, "max_batch_size": max_batch,
+            "input": [_tensor("tokens", "TYPE_FP32", [f, s, d])], "output": heads_out,
+            "dynamic_batching": batching, "instance_group": [{"count": instance_count, "kind": _Enum(kind)}],
+        },
+        CLIP_MODEL: {
+            "name": CLIP_MODEL, "backend": "python", "max_batch_size": max_batch,
+            "input": [_tensor("frames", "TYPE_UINT8", [f, size, size, 3])], "output": heads_out,
+            "dynamic_batching": batching, "instance_group": [{"count": 1, "kind": _Enum("KIND_CPU")}],
+            "parameters": bls_parameters,
+        },
+        STREAM_MODEL: {
+            "name": STREAM_MODEL, "backend": "python", "max_batch_size": max_batch,
+            "input": [_tensor("frame", "TYPE_UINT8", [size, size, 3])],
+            "output": [heads_out[0], _tensor("window", "TYPE_INT32", [1])],
+            "sequence_batching": {
+                "max_sequence_idle_microseconds": SEQUENCE_IDLE_US,
+                "control_input": [
+                    _control("START", "CONTROL_SEQUENCE_START"),
+                    _control("END", "CONTROL_SEQUENCE_END"),
+                    {"name": "CORRID", "control": [{"kind": _Enum("CONTROL_SEQUENCE_CORRID"), "data_type": _Enum("TYPE_UINT64")}]},
+                ],
+                "oldest": {"max_candidate_sequences": 4 * max_batch, "preferred_batch_size": [max_batch],
+                           "max_queue_delay_microseconds": queue_delay_us},
+            },
+            "instance_group": [{"count": 1, "kind": _Enum("KIND_CPU")}],
+            "parameters": bls_parameters,
+        },
+    }
+    written = []
+    for name, config in configs.items():
+        model_dir = repo / name
+        try:
+            if model_dir.exists():
+                shutil.rmtree(model_dir)
+            (model_dir / "1").mkdir(parents=True)
+            if name in sources:
+                shutil.copyfile(sources[name], model_dir / "1" / MODEL_FILES[engine_format])
+            else:
+                shutil.copyfile(BLS_SOURCE, model_dir / "1" / "model.py")
+            if name != "frame_encoder":
+                (model_dir / LABELS_FILE).write_text(labels)
+            (model_dir / "config.pbtxt").write_text(to_pbtxt(config) + "\n")
+        except OSError as exc:
+            raise TritonRepoError(f"{model_dir}: cannot write the model ({exc.strerror or exc})") from None
+        written.append(model_dir / "config.pbtxt")
+    return written
+
+
+def _read(path: Path) -> dict:
+    try:
+        return read_metadata(path)
+    except ModelFileError as exc:
+        raise TritonRepoError(str(exc)) from None
+
+
+def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
+    """frame_encoder / head model files to copy into the repository, checked."""
+    from ..export.tensorrt_build import sidecar_path, split_pairs
+
+    onnx_parts = {role: model_onnx.with_name(f"{model_onnx.stem}.{role}.onnx") for role in ("frame_encoder", "head")}
+    for role, path in onnx_parts.items():
+        if not path.is_file():
+            raise TritonRepoError(f"{path}: no such file (the repository needs the split graphs; export with --split)")
+        if _read(path)["graph_role"] != role:
+            raise TritonRepoError(f"{path}: is not a {role} graph")
+    if engine_format == "onnx":
+        return onnx_parts
+    if engine is None:
+        raise TritonRepoError("--engine-format plan needs the TensorRT engine (--engine model.plan)")
+    plans = {}
+    for onnx_path, plan in split_pairs(model_onnx, engine)[1:]:
+        role = onnx_path.stem.rsplit(".", 1)[-1]
+        try:
+            profile = json.loads(sidecar_path(plan).read_text())["batch_profile"]["max"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TritonRepoError(f"{sidecar_path(plan)}: cannot read the engine's sidecar ({exc}); build with cmdcl-build") from None
+        wanted = max_frames if role == "frame_encoder" else max_batch
+        if not plan.is_file():
+            raise TritonRepoError(f"{plan}: no such file (cmdcl-build writes it next to {Path(engine).name})")
+        if wanted > profile:
+            raise TritonRepoError(f"{plan}: its optimisation profile allows batch {profile}, the repository asks for "
+                                  f"{wanted}; rebuild with --max-batch {wanted} or lower the repository's batch")
+        plans[role] = plan
+    return plans
+
+
+def _tensor(name: str, dtype: str, dims: list, **extra) -> dict:
+    return {"name": name, "data_type": _Enum(dtype), "dims": dims, **extra}
+
+
+def _control(name: str, kind: str) -> dict:
+    return {"name": name, "control": [{"kind": _Enum(kind), "int32_false_true": [0, 1]}]}
+
+
+def _parameters(**values) -> list:
+    return [{"key": key, "value": {"string_value": str(value)}} for key, value in values.items()]
+
+
+def to_pbtxt(message: dict, indent: int = 0) -> str:
+    """Protobuf text format of a nested dict: dicts are messages, lists of dicts
+    repeated messages, lists of scalars repeated scalars."""
+    pad, lines = "  " * indent, []
+    for key, value in message.items():
+        if isinstance(value, list) and value and not isinstance(value[0], dict):
+            lines.append(f"{pad}{key}: [{', '.join(map(_scalar, value))}]")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                body = to_pbtxt(item, indent + 1)
+                lines += [f"{pad}{key} {{", *([body] if body else []), f"{pad}}}"]
+            else:
+                lines.append(f"{pad}{key}: {_scalar(item)}")
+    return "\n".join(lines)
+
+
+def _scalar(value) -> str:
+    if isinstance(value, _Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a quoted string; JSON escapes are valid text-format escapes
+
+
+# ---- validation ---------------------------------------------------------------------------
+def validate_triton_repo(repo) -> dict:
+    """Parse every `config.pbtxt` with Triton's ModelConfig schema (tritonclient) and
+    check names, tensors, labels and model files; returns a summary per model.
+    Raises TritonRepoError naming the file and the problem."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise TritonRepoError(f"validating a Triton repository needs tritonclient[grpc] ({exc}); "
+                              "install the serve extra (make serve-venv)") from None
+    repo = Path(repo)
+    configs = sorted(repo.glob("*/config.pbtxt"))
+    if not configs:
+        raise TritonRepoError(f"{repo}: no */config.pbtxt: not a Triton model repository")
+    summary = {}
+    for path in configs:
+        config = model_config_pb2.ModelConfig()
+        try:
+            text_format.Parse(path.read_text(), config)
+        except text_format.ParseError as exc:
+            raise TritonRepoError(f"{path}: not a valid Triton model config ({exc})") from None
+        summary[config.name] = _check_config(path, config, model_config_pb2)
+    missing = {"frame_encoder", "head", CLIP_MODEL, STREAM_MODEL} - set(summary)
+    if missing:
+        raise TritonRepoError(f"{repo}: missing models: {', '.join(sorted(missing))}")
+    return summary
+
+
+def _check_config(path: Path, config, pb) -> dict:
+    model_dir = path.parent
+
+    def bad(problem):
+        raise TritonRepoError(f"{path}: {problem}")
+
+    if config.name != model_dir.name:
+        bad(f"name {config.name!r} is not the directory name {model_dir.name!r}")
+    dtype = pb.DataType.Name
+    inputs = {t.name: [dtype(t.data_type), list(t.dims)] for t in config.input}
+    outputs = {t.name: [dtype(t.data_type), list(t.dims)] for t in config.output}
+    for tensor in config.output:
+        if tensor.label_filename and not (model_dir / tensor.label_filename).is_file():
+            bad(f"output {tensor.name!r} names labels file {tensor.label_filename!r}, which does not exist")
+    fmt = {"onnxruntime_onnx": "onnx", "tensorrt_plan": "plan"}.get(config.platform)
+    if config.backend == "python":
+        if not (model_dir / "1" / "model.py").is_file():
+            bad("the Python-backend model has no 1/model.py")
+    elif fmt is None:
+        bad(f"unexpected platform {config.platform!r} / backend {config.backend!r}")
+    else:
+        model_file = model_dir / "1" / MODEL_FILES[fmt]
+        if not model_file.is_file():
+            bad(f"no model file {model_file.relative_to(model_dir)}")
+        _check_tensors(path, model_file, fmt, config.name, inputs, outputs)
+    batching = ("sequence" if config.HasField("sequence_batching") else
+                "dynamic" if config.HasField("dynamic_batching") else None)
+    return {
+        "backend": config.backend, "platform": config.platform, "max_batch_size": config.max_batch_size,
+        "inputs": inputs, "outputs": outputs, "batching": batching,
+        "instance_groups": [[pb.ModelInstanceGroup.Kind.Name(g.kind), g.count] for g in config.instance_group],
+        "labels": {t.name: t.label_filename for t in config.output if t.label_filename},
+        "control_inputs": [c.name for c in config.sequence_batching.control_input],
+        "parameters": {k: v.string_value for k, v in config.parameters.items()},
+    }
+
+
+def _check_tensors(path: Path, model_file: Path, fmt: str, role: str, inputs: dict, outputs: dict) -> None:
+    """The config's tensors are the model file's, batch axis aside."""
+    import onnx
+
+    from ..export.tensorrt_build import sidecar_path
+
+    if fmt == "onnx":
+        meta = _read(model_file)
+    else:
+        try:
+            meta = json.loads(sidecar_path(model_file).read_text())["metadata"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise TritonRepoError(f"{sidecar_path(model_file)}: cannot read the engine's sidecar ({exc})") from None
+    if meta["graph_role"] != role:
+        raise TritonRepoError(f"{model_file}: is a {meta['graph_role']} graph, the config says {role}")
+    expected = graph_interface(role, meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"],
+                               len(meta["classes"]))
+    for kind, found, wanted in (("input", inputs, expected[0]), ("output", outputs, expected[1])):
+        want = {name: ["TYPE_" + {"UINT8": "UINT8", "FLOAT": "FP32"}[onnx.TensorProto.DataType.Name(elem)], shape[1:]]
+                for name, (elem, shape) in wanted.items()}
+        if found != want:
+            raise TritonRepoError(f"{path}: {kind}s {found} do not match {model_file.name}'s {want}")
+    labels = (path.parent / LABELS_FILE)
+    if role == "head" and labels.read_text().splitlines() != list(meta["classes"]):
+        raise TritonRepoError(f"{labels}: labels differ from the model's classes")
+
+
+def main(argv=None) -> int:
+    """`python -m cmdcl.serve.triton_repo REPO`: validate and print the summary as JSON."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m cmdcl.serve.triton_repo REPO", file=sys.stderr)
+        return 2
+    try:
+        print(json.dumps(validate_triton_repo(argv[0]), indent=1, sort_keys=True))
+    except TritonRepoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
