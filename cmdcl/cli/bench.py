@@ -29,7 +29,8 @@ def _stage_list(ctx, param, value):
     stages = tuple(x.strip() for x in value.split(",") if x.strip())
     unknown = [x for x in stages if x not in STAGES]
     if unknown or not stages:
-        raise click.BadParameter(f"unknown stage {', '.join(unknown) or value!r}; choose from {', '.join(STAGES)}")
+        what = f"unknown stage {', '.join(unknown)}" if unknown else "no stage given"
+        raise click.BadParameter(f"{what}; choose from {', '.join(STAGES)}")
     return stages
 
 
@@ -61,7 +62,7 @@ def _backend_names():
               help="Video for the decode, end-to-end and stream stages. Default: a generated 720p H.264 test pattern (cached).")
 @click.option("--long-video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Long video for seek vs sequential decoding. Default: a generated 720p H.264 with a keyframe every 10 s.")
-@click.option("--long-minutes", type=click.FloatRange(min=0.1), default=10.0, show_default=True, help="Length of the generated long video.")
+@click.option("--long-minutes", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="Length of the generated long video.")
 @click.option("--stride-frames", type=click.IntRange(min=1), help="Stream mode: new grid frames per window update (default: the model's, F/2).")
 @click.option("--cuda-graphs", is_flag=True, help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records and the machine as JSON here.")

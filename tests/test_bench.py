@@ -1,0 +1,168 @@
+"""cmdcl-bench: runs on a tiny configuration and writes valid JSON; the FLOP/byte floors are right.
+
+Benchmarks are not timed tests: nothing here checks a latency, only that
+every stage was measured and the records are well formed.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import small_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from cmdcl.bench import Bench, BenchSettings, model_flops, model_floors
+from cmdcl.bench.floors import inference_parameters
+from cmdcl.cli.bench import main
+from cmdcl.data.video import read_clip, write_video
+from cmdcl.export.onnx_export import FullGraph, HeadGraph
+from cmdcl.model import CMDCL, save_checkpoint, tiny_config
+
+RECORD_KEYS = {"backend", "stage", "batch", "p50_ms", "p90_ms", "p99_ms", "throughput", "peak_mem_mb"}
+
+
+# ---- floors ----------------------------------------------------------------------------------
+def test_flops_hand_count():
+    """small_config (32 px, patch 8, ViT width 32, 1 layer, D_vlm 24; F=4, S=5, D=32, depth 1, Kz=6) with C=3, by hand."""
+    cfg = small_config()
+    patch_embedding = 2 * 16 * (3 * 8 * 8) * 32  # 16 patches, 192 inputs, 32 outputs = 196_608
+    vit_block = 2 * 17 * 32 * (3 * 32 + 32 + 2 * 128) + 4 * 17 * 17 * 32  # 17 tokens: 417_792 + 36_992
+    per_frame = patch_embedding + vit_block + 2 * 17 * 32 * 24 + 2 * 5 * 24 * 32  # + ln_post@proj 26_112, token proj 7_680
+    assert per_frame == 685_184
+    sta_block = 2 * 20 * 32 * (3 * 32 + 32 + 2 * 128) + 4 * 20 * 20 * 32  # L = 4 frames x 5 tokens: 491_520 + 51_200
+    op = 4 * 20 * 32 * (3 + 6)  # QK^T and PV over C + Kz = 9 memory rows: 23_040
+    intervention = 2 * 20 * 32 * 32 * 2 + 2 * 20 * 64 * 32 + op  # query + gate, output projection
+    head = sta_block + intervention + 2 * 32 * 32 + 2 * 32 * 3  # + video projection, classifier
+    assert head == 731_840
+    assert model_flops(cfg, 3) == {"frame_encoder": 4 * 685_184, "head": 731_840, "intervention_op": 23_040,
+                                   "clip": 4 * 685_184 + 731_840}  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides", [{}, {"token_grid": 0, "visual_intervention": False, "mlp_ratio": 2.0, "pooling": "attention"}])
+def test_flops_match_torch_flop_counter(overrides):
+    """The analytic count equals PyTorch's FLOP counter on the model itself (attention through the math kernel, which
+    the counter sees as matmuls)."""
+    cfg = small_config(**overrides)
+    torch.manual_seed(0)
+    model = CMDCL(cfg, ["a", "b", "c"]).eval()
+    head = HeadGraph(model)  # folds T' and the memories, as export does, outside the count
+    frames = torch.randint(0, 256, (cfg.num_frames, 32, 32, 3), dtype=torch.uint8)
+    counted = {}
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
+            tokens = model.frame_tokens(frames)
+        counted["frame_encoder"] = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            head(tokens.unsqueeze(0))
+        counted["head"] = counter.get_total_flops()
+    flops = model_flops(cfg, 3)
+    assert counted == {"frame_encoder": flops["frame_encoder"], "head": flops["head"]}
+
+
+def test_inference_parameters_match_exported_constants():
+    """Parameters the full graph keeps (not the textual branch or the memory projections, which are folded) plus
+    the folded buffers."""
+    cfg = small_config()
+    graph = FullGraph(CMDCL(cfg, ["a", "b", "c"]).eval())
+    folded_away = ("model.text", "model.textual.", "model.visual.k_", "model.visual.v_")
+    kept = sum(p.numel() for name, p in graph.named_parameters() if not name.startswith(folded_away))
+    constants = sum(b.numel() for name, b in graph.named_buffers() if not name.startswith("model."))
+    assert inference_parameters(cfg, 3) == kept + constants
+
+
+def test_floors_base_model():
+    floor = model_floors(tiny_config(num_frames=8), 10, batch=4)
+    assert floor["weight_bytes"] == 4 * inference_parameters(tiny_config(num_frames=8), 10)
+    assert floor["bytes_per_clip"] == pytest.approx(floor["weight_bytes"] / 4 + 8 * 96 * 96 * 3 + 4 * (10 + 128))
+    from cmdcl.model import preset
+
+    base = model_flops(preset("base"), 200)
+    assert 34e9 < base["frame_encoder"] / 64 < 36e9  # ViT-B/16 at 224 px: ~17.6 GMAC = ~35 GFLOP per frame
+
+
+# ---- the hook the long-video comparison uses ---------------------------------------------------
+def test_read_clip_forced_strategy(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write_video(tmp_path / "v.mp4", rng.integers(0, 255, (60, 48, 64, 3), dtype=np.uint8), rate=10, gop=10)
+    seek, sequential = read_clip(path, 4, 32, strategy="seek"), read_clip(path, 4, 32, strategy="sequential")
+    assert (seek.strategy, sequential.strategy) == ("seek", "sequential")
+    assert seek.frames_decoded < sequential.frames_decoded
+    np.testing.assert_array_equal(seek.frames, sequential.frames)
+    with pytest.raises(ValueError, match="strategy"):
+        read_clip(path, 4, 32, strategy="fastest")
+
+
+# ---- the benchmark end to end -------------------------------------------------------------------
+def test_cli_tiny_run_writes_json_and_plot(tmp_path, monkeypatch):
+    """Every stage on both CPU backends and two batch sizes, with the generated 720p videos (tiny lengths)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(main, ["--preset", "tiny", "--frames", "4", "--classes", "5", "--iters", "2", "--warmup", "0",
+                                       "--batch", "1,2", "--long-minutes", "0.05", "--threads", "2", "--json", str(out),
+                                       "--plot", str(plot), "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    records = report["records"]
+    for r in records:
+        assert RECORD_KEYS <= set(r), r
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"], r
+        assert r["throughput"] > 0 and r["peak_mem_mb"] > 0 and r["iters"] >= 1
+    measured = {(r["backend"], r["stage"], r["batch"]) for r in records}
+    for stage in ("decode_video", "decode_stream", "preprocess", "long_video_seek", "long_video_sequential"):
+        assert ("pyav", stage, 1) in measured
+    for backend in ("torch", "ort"):
+        for stage in ("frame_encoder", "head", "clip", "end_to_end", "stream_update"):
+            for batch in (1, 2):
+                assert (backend, stage, batch) in measured
+    assert ("torch", "intervention", 2) in measured
+    assert [s["stage"] for s in report["skipped"]] == ["intervention"]  # ONNX Runtime: inside the graph only
+    names = {c["comparison"] for c in report["comparisons"]}
+    assert {"ort vs torch", "stream update (token cache) vs whole clip", "seek vs sequential (long video)"} <= names
+    assert all(c["speedup"] > 0 for c in report["comparisons"])
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["threads"] == 2 and machine["cpu"] and "torch" in machine["versions"]
+    assert report["settings"]["num_frames"] == 4 and report["config"]["num_frames"] == 4
+    assert report["floors"]["1"]["flops"]["clip"] == model_flops(tiny_config(num_frames=4), 5)["clip"]
+    clip = next(r for r in records if r["stage"] == "clip")
+    assert 0 < clip["peak_flops_fraction"] and 0 < clip["floor_bytes_fraction"]
+    assert "720" in next(r for r in records if r["stage"] == "decode_video")["note"]  # the generated 1280x720 video
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "p50 ms" in result.output and "ort vs torch" in result.output
+
+
+def test_gpu_backends_skip_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the GPU backends run instead of being skipped")
+    settings = BenchSettings(preset="tiny", frames=2, classes=3, backends=("torch", "torch-fp16", "torch-fp16-triton", "trt"),
+                             stages=("head",), iters=1, warmup=0)  # fmt: skip
+    report = Bench(settings, log=lambda message: None).run()
+    assert {r["backend"] for r in report["records"]} == {"torch"}
+    skipped = {s["backend"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"torch-fp16", "torch-fp16-triton", "trt"}
+    assert all("GPU" in reason for reason in skipped.values())
+
+
+def test_cli_engine_checkpoint_and_errors(tmp_path):
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(CMDCL(small_config(), ["a", "b"]).eval(), tmp_path / "m.pt")
+    runner = CliRunner()
+    result = runner.invoke(main, ["--engine", str(checkpoint), "--stages", "head,intervention,clip", "--iters", "1",
+                                  "--warmup", "0", "--json", str(tmp_path / "e.json"), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert {(r["backend"], r["stage"]) for r in report["records"]} == {("torch", "head"), ("torch", "intervention"), ("torch", "clip")}
+    assert all(r["engine"] == str(checkpoint) for r in report["records"])
+
+    missing = runner.invoke(main, ["--engine", str(tmp_path / "nope.onnx"), "--stages", "head"])
+    assert missing.exit_code == 1 and "nope.onnx: no such file" in missing.output and "Traceback" not in missing.output
+    bad_batch = runner.invoke(main, ["--batch", "1,x"])
+    assert bad_batch.exit_code == 2 and "comma-separated integers" in bad_batch.output
+    bad_stage = runner.invoke(main, ["--stages", "head,warp"])
+    assert bad_stage.exit_code == 2 and "unknown stage warp" in bad_stage.output
+    frames_with_engine = runner.invoke(main, ["--engine", str(checkpoint), "--frames", "8"])
+    assert frames_with_engine.exit_code == 2 and "--frames" in frames_with_engine.output
+    no_dir = runner.invoke(main, ["--json", str(tmp_path / "no" / "x.json")])
+    assert no_dir.exit_code == 2 and "does not exist" in no_dir.output
