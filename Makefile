@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv serve-venv test run clean
+.PHONY: venv serve-venv test run bench clean
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ test: venv serve-venv
 
 run: venv
 	$(VENV)/bin/cmdcl-demo
+
+# CPU benchmarks (cmdcl-bench): tiny at batch 1 and 8, base (ViT-B/16, 64 frames) at batch 1 with few
+# iterations (each base clip is ~2.3 TFLOP). JSON and plots go to $(BENCH_DIR); ~30 min on 2 cores.
+BENCH_DIR ?= benchmarks/results
+bench: venv
+	mkdir -p $(BENCH_DIR)
+	$(VENV)/bin/cmdcl-bench --device cpu --preset tiny --batch 1,8 --iters 20 --warmup 3 --json $(BENCH_DIR)/cpu-tiny.json --plot $(BENCH_DIR)/cpu-tiny.png
+	$(VENV)/bin/cmdcl-bench --device cpu --preset base --batch 1 --iters 3 --warmup 1 --json $(BENCH_DIR)/cpu-base.json --plot $(BENCH_DIR)/cpu-base.png
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
