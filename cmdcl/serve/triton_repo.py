@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from ..export.metadata import ModelFileError, graph_interface, read_metadata
+from ..export.tensorrt_build import sidecar_path, split_pairs
 
 ENGINE_FORMATS = ("onnx", "plan")
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -126,6 +127,8 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
             (model_dir / "1").mkdir(parents=True)
             if name in sources:
                 shutil.copyfile(sources[name], model_dir / "1" / MODEL_FILES[engine_format])
+                if engine_format == "plan":  # the engine's metadata travels with it
+                    shutil.copyfile(sidecar_path(sources[name]), sidecar_path(model_dir / "1" / MODEL_FILES["plan"]))
             else:
                 shutil.copyfile(BLS_SOURCE, model_dir / "1" / "model.py")
             if name != "frame_encoder":
@@ -146,8 +149,6 @@ def _read(path: Path) -> dict:
 
 def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
     """frame_encoder / head model files to copy into the repository, checked."""
-    from ..export.tensorrt_build import sidecar_path, split_pairs
-
     onnx_parts = {role: model_onnx.with_name(f"{model_onnx.stem}.{role}.onnx") for role in ("frame_encoder", "head")}
     for role, path in onnx_parts.items():
         if not path.is_file():
@@ -283,8 +284,6 @@ def _check_config(path: Path, config, pb) -> dict:
 def _check_tensors(path: Path, model_file: Path, fmt: str, role: str, inputs: dict, outputs: dict) -> None:
     """The config's tensors are the model file's, batch axis aside."""
     import onnx
-
-    from ..export.tensorrt_build import sidecar_path
 
     if fmt == "onnx":
         meta = _read(model_file)

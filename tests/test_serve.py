@@ -1,0 +1,232 @@
+"""cmdcl-serve (PyTriton: the real Triton server, CPU only) and cmdcl-client.
+
+One server per module, started from the serving venv on free loopback ports and
+stopped by its own process group at the end. Answers are compared with the
+offline runtime (ONNX Runtime on the same files) at DESIGN.md's fp32 tolerance.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cmdcl.data.video import read_clip, write_video
+from cmdcl.runtime import Recognizer, load_backend
+from cmdcl.serve.client import relative_error
+from cmdcl.serve.server import model_functions
+from serve_helpers import SERVE_BIN, export_small_model, require_serve_venv
+
+MAX_BATCH = 4
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def request(url, body=None, timeout=60):
+    """(HTTP status, parsed JSON body) of a GET, or a POST of `body` (a dict, or raw bytes)."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as response:
+            text = response.read()
+            return response.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def infer_json(base, model, name, array, datatype=None, shape=None):
+    """Triton's KServe v2 JSON protocol: one input, every output."""
+    body = {"inputs": [{"name": name, "shape": list(array.shape if shape is None else shape),
+                        "datatype": datatype or {"uint8": "UINT8", "float32": "FP32"}[array.dtype.name],
+                        "data": array.reshape(-1).tolist()}]}
+    status, answer = request(f"{base}/v2/models/{model}/infer", body)
+    if status != 200:
+        return status, answer
+    return status, {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in answer["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("served")
+    export_small_model(directory)
+    rng = np.random.default_rng(0)
+    for i in range(2):  # two 2 s videos with different content
+        frames = rng.integers(0, 256, (20, 48, 64, 3), dtype=np.uint8)
+        frames[:, 10:30, 5 + 20 * i : 25 + 20 * i] = (220, 40 + 100 * i, 30)
+        write_video(directory / f"v{i}.mp4", frames, rate=10)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    require_serve_venv()
+    http, grpc, metrics = free_ports(3)
+    log = open(model_dir / "serve.log", "w")
+    process = subprocess.Popen(
+        [str(SERVE_BIN / "cmdcl-serve"), "--engine", str(model_dir / "model.onnx"), "--http-port", str(http),
+         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", str(MAX_BATCH)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: tritonserver included
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"cmdcl-serve exited with {process.returncode}: {(model_dir / 'serve.log').read_text()[-2000:]}")
+            try:
+                if all(request(f"{base}/v2/models/{m}/ready", timeout=2)[0] == 200 for m in ("cmdcl", "frame_encoder", "head")):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("cmdcl-serve was not ready within 120 s")
+            time.sleep(0.5)
+        yield {"base": base, "http": http, "grpc": grpc, "process": process, "log": model_dir / "serve.log"}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # by its own pid (= process group id)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
+        if not group_ended(process.pid, timeout=30):  # tritonserver and PyTriton's workers exit after the main process
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("processes of cmdcl-serve's group outlived it by 30 s after SIGTERM")
+
+
+def group_ended(pgid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture(scope="module")
+def offline(model_dir):
+    return load_backend(model_dir / "model.onnx")
+
+
+def test_served_answers_equal_offline_runtime(server, offline):
+    frames = np.random.default_rng(1).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
+    status, served = infer_json(server["base"], "cmdcl", "frames", frames)
+    assert status == 200, served
+    expected = offline.infer("model", {"frames": frames})
+    for name in ("logits", "embedding"):
+        assert relative_error(served[name], expected[name]) <= 1e-4, name
+    order = np.argsort(-offline.probabilities(expected["logits"]), axis=1, kind="stable")
+    assert served["top_labels"].tolist() == np.array(offline.info.classes)[order].tolist()
+    np.testing.assert_allclose(served["top_scores"], np.take_along_axis(offline.probabilities(expected["logits"]), order, 1),
+                               rtol=1e-5)
+    # the streaming split: per-frame encoder, then the head on the tokens
+    status, tokens = infer_json(server["base"], "frame_encoder", "frames", frames[0])
+    assert status == 200 and relative_error(tokens["tokens"], offline.encode_frames(frames[0])) <= 1e-4
+    status, heads = infer_json(server["base"], "head", "tokens", tokens["tokens"][None].astype(np.float32))
+    assert status == 200 and relative_error(heads["logits"], expected["logits"][:1]) <= 1e-4
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, offline):
+    base, good = server["base"], np.zeros((1, 4, 32, 32, 3), dtype=np.uint8)
+    cases = [
+        (dict(array=good.astype(np.float32)), "expects 'UINT8'"),  # wrong dtype
+        (dict(array=np.zeros((1, 3, 32, 32, 3), np.uint8)), "unexpected shape"),  # too few frames
+        (dict(array=np.zeros((1, 5, 32, 32, 3), np.uint8)), "unexpected shape"),  # too many frames
+        (dict(array=np.zeros((1, 4, 16, 16, 3), np.uint8)), "unexpected shape"),  # wrong frame size
+        (dict(array=np.zeros((0, 4, 32, 32, 3), np.uint8)), "frames"),  # empty batch
+        (dict(array=np.zeros((MAX_BATCH + 1, 4, 32, 32, 3), np.uint8)), f"batch-size must be <= {MAX_BATCH}"),
+    ]
+    for kwargs, message in cases:
+        status, answer = infer_json(base, "cmdcl", "frames", **kwargs)
+        assert status == 400 and message in answer["error"], (kwargs["array"].shape, answer)
+    status, answer = infer_json(base, "cmdcl", "frames", good, shape=[1, 4, 32, 32, 4])  # shape and data disagree
+    assert status == 500 and "does not match true shape of 'data'" in answer["error"]  # Triton's JSON parser says 500
+    status, answer = request(f"{base}/v2/models/cmdcl/infer", b"{not json")
+    assert status == 500 and "JSON" in answer["error"]
+    status, answer = infer_json(base, "cmdcl", "images", good)  # an input the model does not have
+    assert status == 400 and "images" in answer["error"]
+    assert server["process"].poll() is None
+    assert request(f"{base}/v2/health/ready")[0] == 200
+    status, served = infer_json(base, "cmdcl", "frames", good)
+    assert status == 200 and relative_error(served["logits"], offline.classify_clips(good)) <= 1e-4
+
+
+def test_client_example_over_http_and_grpc(server, model_dir):
+    videos = [model_dir / "v0.mp4", model_dir / "v1.mp4"]
+    recognizer = Recognizer(model_dir / "model.onnx", top_k=3)
+    for protocol, port in (("http", server["http"]), ("grpc", server["grpc"])):
+        result = subprocess.run([str(SERVE_BIN / "cmdcl-client"), "classify", *map(str, videos), "--url",
+                                 f"127.0.0.1:{port}", "--protocol", protocol], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        for video, line in zip(videos, lines):
+            offline = recognizer.predict(video)["top"]
+            assert [t["label"] for t in line["top"]] == [t["label"] for t in offline]
+            np.testing.assert_allclose([t["score"] for t in line["top"]], [t["score"] for t in offline], atol=2e-6)
+    result = subprocess.run([str(SERVE_BIN / "cmdcl-client"), "classify", str(model_dir / "absent.mp4"), "--url",
+                             f"127.0.0.1:{server['http']}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and "absent.mp4" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_load_test_reports_latency_and_every_answer_matches(server, model_dir):
+    result = subprocess.run([str(SERVE_BIN / "cmdcl-client"), "load-test", str(model_dir / "v0.mp4"), str(model_dir / "v1.mp4"),
+                             "--engine", str(model_dir / "model.onnx"), "--url", f"127.0.0.1:{server['grpc']}",
+                             "--protocol", "grpc", "--clients", "4", "--seconds", "3", "--max-requests", "300"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["requests"] > 0 and report["errors"] == 0 and report["mismatches"] == 0, report
+    assert report["requests"] <= 300 and report["seconds"] < 30
+    assert 0 < report["p50_ms"] <= report["p99_ms"] and report["throughput_rps"] > 0
+    status, config = request(f"{server['base']}/v2/models/cmdcl/config")  # batching across requests is Triton's
+    assert status == 200 and config["max_batch_size"] == MAX_BATCH and "dynamic_batching" in config
+
+
+def test_serves_on_loopback_only(server):
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, ::1, v4-mapped
+    listening = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                listening.setdefault(int(port, 16), set()).add(address)
+    for port in (server["http"], server["grpc"]):
+        assert listening.get(port) and listening[port] <= loopback, (port, listening.get(port))
+
+
+def test_model_functions_refuse_an_empty_batch(offline):
+    functions = model_functions(offline, top_k=2)
+    with pytest.raises(ValueError, match="empty batch"):
+        functions["cmdcl"](frames=np.zeros((0, 4, 32, 32, 3), np.uint8))
+    out = functions["cmdcl"](frames=np.zeros((1, 4, 32, 32, 3), np.uint8))
+    assert out["top_labels"].shape == (1, 2) and out["top_scores"].dtype == np.float32
+
+
+def test_serve_cli_errors(tmp_path):
+    from cmdcl.cli.serve import main
+
+    if importlib.util.find_spec("pytriton") is None:  # the main venv: says where PyTriton lives
+        result = CliRunner().invoke(main, ["--engine", str(tmp_path / "m.onnx")])
+        assert result.exit_code == 2 and "make serve-venv" in result.stderr
+    require_serve_venv()
+    result = subprocess.run([str(SERVE_BIN / "cmdcl-serve"), "--engine", str(tmp_path / "absent.onnx")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip() == f"cmdcl-serve: error: {tmp_path / 'absent.onnx'}: no such file"
