@@ -31,8 +31,9 @@ $(SERVE_VENV)/.installed: setup.py Makefile
 test: venv serve-venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The bundled demo model (exported to ONNX on first use, cached) on the bundled demo videos, ONNX Runtime CPU.
 run: venv
-	$(VENV)/bin/cmdcl-demo
+	$(VENV)/bin/cmdcl-run $$($(PY) -c 'import cmdcl.assets as a; print(*(a.demo_video(label) for label in a.DEMO_VIDEOS))')
 
 # CPU benchmarks (cmdcl-bench): tiny at batch 1 and 8, base (ViT-B/16, 64 frames) at batch 1 with few
 # iterations (each base clip is ~2.3 TFLOP). JSON and plots go to $(BENCH_DIR); ~30 min on 2 cores.
