@@ -35,16 +35,14 @@ class TritonPythonModel:
         self.sequences = {}  # correlation id -> _Sequence
 
     def execute(self, requests):
-        try:
-            return (self._stream if self.streaming else self._clips)(requests)
-        except _BadRequest as exc:
-            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
+        # Triton has already checked dtypes, shapes, batch sizes (1 per sequence request)
+        # and sequence ids against the config; a failing BLS call raises TritonModelException,
+        # which the Python backend returns to the client as the error.
+        return (self._stream if self.streaming else self._clips)(requests)
 
     # ---- whole clips -------------------------------------------------------------------
     def _clips(self, requests):
         clips = [pb_utils.get_input_tensor_by_name(r, "frames").as_numpy() for r in requests]
-        if any(len(c) == 0 for c in clips):
-            raise _BadRequest("empty batch: send at least one clip of frames")
         frames = np.concatenate(clips)
         b, f = frames.shape[:2]
         tokens = self._call("frame_encoder", "frames", frames.reshape(b * f, *frames.shape[2:]), ["tokens"], self.encoder_batch)[0]
@@ -62,10 +60,7 @@ class TritonPythonModel:
     def _stream(self, requests):
         frames, controls = [], []
         for request in requests:
-            frame = pb_utils.get_input_tensor_by_name(request, "frame").as_numpy()
-            if len(frame) != 1:
-                raise _BadRequest(f"cmdcl_stream takes one frame per request, got {len(frame)}")
-            frames.append(frame)
+            frames.append(pb_utils.get_input_tensor_by_name(request, "frame").as_numpy())
             controls.append([int(pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)[0])
                              for name in ("CORRID", "START", "END")])
         tokens = self._call("frame_encoder", "frames", np.concatenate(frames), ["tokens"], self.encoder_batch)[0]
@@ -125,7 +120,3 @@ class _Sequence:
             tokens = [tokens[int((i + 0.5) * len(tokens) / self.num_frames)] for i in range(self.num_frames)]
         self.windows, self.new = self.windows + 1, 0
         return np.stack(tokens)
-
-
-class _BadRequest(Exception):
-    """A request this model refuses; the message goes back to the client."""

@@ -1,0 +1,183 @@
+"""The repository's Python-backend models (`cmdcl` BLS over whole clips, the
+sequence-batched `cmdcl_stream`) running on a real Triton server: the one the
+nvidia-pytriton wheel bundles, started directly on the written repository.
+
+That server build has only the Python backend, so `frame_encoder` and `head`
+(ONNX Runtime backend in the repository) are stood in for by Python-backend
+models that run the same exported ONNX files with onnxruntime (`STAND_IN`).
+Everything else (configs, labels, the BLS file, batching, sequence control)
+is the repository exactly as written. Requests use Triton's HTTP/JSON protocol.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cmdcl.runtime import load_backend
+from cmdcl.serve.client import relative_error
+from cmdcl.serve.triton_repo import write_triton_repo
+from serve_helpers import SERVE_BIN, SERVE_VENV, export_small_model, require_serve_venv
+from test_serve import free_ports, group_ended, request
+
+STAND_IN = '''"""Test stand-in for Triton's ONNX Runtime backend: runs 1/model.onnx with onnxruntime."""
+import json
+import os
+
+import numpy as np
+import onnxruntime
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.input, self.outputs = config["input"][0]["name"], [o["name"] for o in config["output"]]
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
+        outputs = self.session.run(self.outputs, {self.input: np.concatenate(arrays)})
+        responses, start = [], 0
+        for array in arrays:
+            stop = start + len(array)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(n, o[start:stop]) for n, o in zip(self.outputs, outputs)]))
+            start = stop
+        return responses
+'''
+NUM_FRAMES, STRIDE, MAX_FRAMES = 4, 2, 8
+
+
+def bundled_tritonserver():
+    """(tritonserver binary, python backend dir, stub, its libs) from the serving venv's nvidia-pytriton."""
+    require_serve_venv()
+    found = sorted(SERVE_VENV.glob("lib/python3.*/site-packages/pytriton/tritonserver"))
+    if not found:
+        pytest.skip(f"nvidia-pytriton is not installed in {SERVE_VENV}")
+    server = found[0]
+    version = server.parents[2].name.removeprefix("python")  # lib/python3.11/site-packages/pytriton/tritonserver
+    return server / "bin" / "tritonserver", server / "backends" / "python", \
+        server / "python_backend_stubs" / version / "triton_python_backend_stub", server.parents[1] / "nvidia_pytriton.libs"
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    binary, python_backend, stub, libs = bundled_tritonserver()
+    root = tmp_path_factory.mktemp("bls")
+    paths = export_small_model(root)
+    repo = root / "repo"
+    write_triton_repo(paths["model"], repo, max_batch=4, max_frames=MAX_FRAMES, stride_frames=STRIDE)
+    for role in ("frame_encoder", "head"):
+        config = repo / role / "config.pbtxt"
+        config.write_text(config.read_text().replace('backend: "onnxruntime"\nplatform: "onnxruntime_onnx"', 'backend: "python"'))
+        (repo / role / "1" / "model.py").write_text(STAND_IN)
+    backends = root / "backends" / "python"
+    backends.mkdir(parents=True)
+    for source in (python_backend / "libtriton_python.so", python_backend / "triton_python_backend_utils.py", stub):
+        shutil.copy(source, backends / source.name)
+    http, grpc, metrics = free_ports(3)
+    libdir = subprocess.run([str(SERVE_BIN / "python"), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    env = dict(os.environ, PATH=f"{SERVE_BIN}:{os.environ['PATH']}",  # the stub takes the venv's python (numpy<2)
+               LD_LIBRARY_PATH=f"{libdir}:{libs}")  # and its libpython, not the system's
+    log = open(root / "tritonserver.log", "w")
+    process = subprocess.Popen([str(binary), f"--model-repository={repo}", f"--backend-directory={root / 'backends'}",
+                                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={http}",
+                                f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--allow-metrics=false",
+                                "--exit-timeout-secs=5"],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{http}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"tritonserver exited with {process.returncode}: {(root / 'tritonserver.log').read_text()[-3000:]}")
+            try:
+                if request(f"{base}/v2/health/ready", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("tritonserver was not ready within 120 s")
+            time.sleep(0.5)
+        yield {"base": base, "process": process, "offline": load_backend(paths["model"])}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        log.close()
+        if not group_ended(process.pid, timeout=30):
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail("tritonserver's Python-backend stubs outlived it by 30 s")
+
+
+def infer(base, model, name, array, parameters=None):
+    body = {"inputs": [{"name": name, "shape": list(array.shape), "datatype": "UINT8", "data": array.reshape(-1).tolist()}]}
+    if parameters:
+        body["parameters"] = parameters
+    status, answer = request(f"{base}/v2/models/{model}/infer", body)
+    if status != 200:
+        return status, answer
+    return status, {o["name"]: np.array(o["data"], dtype=float).reshape(o["shape"]) for o in answer["outputs"]}
+
+
+def test_bls_clip_model_equals_offline_runtime(triton):
+    frames = np.random.default_rng(2).integers(0, 256, (3, NUM_FRAMES, 32, 32, 3), dtype=np.uint8)  # 12 frames > MAX_FRAMES
+    status, served = infer(triton["base"], "cmdcl", "frames", frames)
+    assert status == 200, served
+    expected = triton["offline"].infer("model", {"frames": frames})
+    for name in ("logits", "embedding"):
+        assert relative_error(served[name], expected[name]) <= 1e-4, name
+
+
+def test_stream_model_windows_per_camera_equal_offline_windows(triton):
+    """Two cameras interleaved: a ring buffer of F frames per sequence id, the first
+    window at F frames then every STRIDE frames; a camera that ends before F frames
+    gets one window of its frames repeated (as cmdcl-run --mode stream does)."""
+    offline, rng = triton["offline"], np.random.default_rng(3)
+    cameras = {11: rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), 12: rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)}
+    expected_windows = {11: {3: 0, 5: 1}, 12: {2: 0}}  # frame index -> window index
+    for i in range(7):
+        for camera, frames in cameras.items():
+            if i >= len(frames):
+                continue
+            parameters = {"sequence_id": camera, "sequence_start": i == 0, "sequence_end": i == len(frames) - 1}
+            status, served = infer(triton["base"], "cmdcl_stream", "frame", frames[i : i + 1], parameters)
+            assert status == 200, served
+            window = int(served["window"][0, 0])
+            assert window == expected_windows[camera].get(i, -1), (camera, i)
+            if window < 0:
+                assert np.isnan(served["logits"]).all()
+                continue
+            recent = frames[max(0, i + 1 - NUM_FRAMES) : i + 1]
+            if len(recent) < NUM_FRAMES:
+                recent = recent[[int((k + 0.5) * len(recent) / NUM_FRAMES) for k in range(NUM_FRAMES)]]
+            reference = offline.classify_tokens(offline.encode_frames(recent)[None])
+            assert relative_error(served["logits"], reference) <= 1e-4, (camera, i)
+
+
+def test_bls_models_refuse_bad_requests_and_keep_serving(triton):
+    base = triton["base"]
+    status, answer = infer(base, "cmdcl_stream", "frame", np.zeros((2, 32, 32, 3), np.uint8),
+                           {"sequence_id": 40, "sequence_start": True})
+    assert status == 400 and "must specify batch-size 1" in answer["error"]  # Triton's sequence batcher
+    status, answer = infer(base, "cmdcl_stream", "frame", np.zeros((1, 32, 32, 3), np.uint8))  # no sequence id
+    assert status == 400 and "correlation id" in answer["error"].lower()
+    status, answer = infer(base, "cmdcl", "frames", np.zeros((1, NUM_FRAMES + 1, 32, 32, 3), np.uint8))
+    assert status == 400 and "unexpected shape" in answer["error"]
+    assert triton["process"].poll() is None
+    status, served = infer(base, "cmdcl", "frames", np.zeros((1, NUM_FRAMES, 32, 32, 3), np.uint8))
+    assert status == 200 and served["logits"].shape == (1, 3)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
