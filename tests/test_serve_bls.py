@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -163,6 +164,35 @@ def test_stream_model_windows_per_camera_equal_offline_windows(triton):
                 recent = recent[[int((k + 0.5) * len(recent) / NUM_FRAMES) for k in range(NUM_FRAMES)]]
             reference = offline.classify_tokens(offline.encode_frames(recent)[None])
             assert relative_error(served["logits"], reference) <= 1e-4, (camera, i)
+
+
+def test_stream_model_keeps_cameras_apart_under_concurrent_requests(triton):
+    """Three cameras sending at once (the sequence batcher may put their frames in one
+    execution): every window still equals the offline result for that camera's frames."""
+    offline, rng = triton["offline"], np.random.default_rng(4)
+    cameras = {21 + c: rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8) for c in range(3)}
+    results = {}
+
+    def send(camera, frames):
+        for i in range(len(frames)):
+            parameters = {"sequence_id": camera, "sequence_start": i == 0, "sequence_end": i == len(frames) - 1}
+            results[camera, i] = infer(triton["base"], "cmdcl_stream", "frame", frames[i : i + 1], parameters)
+
+    threads = [threading.Thread(target=send, args=item) for item in cameras.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for camera, frames in cameras.items():
+        windows = []
+        for i in range(len(frames)):
+            status, served = results[camera, i]
+            assert status == 200, served
+            if served["window"][0, 0] >= 0:
+                windows.append(i)
+                reference = offline.classify_tokens(offline.encode_frames(frames[i + 1 - NUM_FRAMES : i + 1])[None])
+                assert relative_error(served["logits"], reference) <= 1e-4, (camera, i)
+        assert windows == [3, 5], camera  # F = 4 frames, then every STRIDE = 2
 
 
 def test_bls_models_refuse_bad_requests_and_keep_serving(triton):
