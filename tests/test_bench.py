@@ -99,10 +99,10 @@ def test_read_clip_forced_strategy(tmp_path):
 def test_cli_tiny_run_writes_json_and_plot(tmp_path, monkeypatch):
     """Every stage on both CPU backends and two batch sizes, with the generated 720p videos (tiny lengths)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    out, plot, md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     result = CliRunner().invoke(main, ["--preset", "tiny", "--frames", "4", "--classes", "5", "--iters", "2", "--warmup", "0",
                                        "--batch", "1,2", "--long-minutes", "0.05", "--threads", "2", "--json", str(out),
-                                       "--plot", str(plot), "--quiet"])  # fmt: skip
+                                       "--plot", str(plot), "--markdown", str(md), "--quiet"])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     records = report["records"]
@@ -114,7 +114,7 @@ def test_cli_tiny_run_writes_json_and_plot(tmp_path, monkeypatch):
     for stage in ("decode_video", "decode_stream", "preprocess", "long_video_seek", "long_video_sequential"):
         assert ("pyav", stage, 1) in measured
     for backend in ("torch", "ort"):
-        for stage in ("frame_encoder", "head", "clip", "end_to_end", "stream_update"):
+        for stage in ("frame_encoder", "head", "clip", "end_to_end", "stream_update", "stream_update_model"):
             for batch in (1, 2):
                 assert (backend, stage, batch) in measured
     assert ("torch", "intervention", 2) in measured
@@ -130,6 +130,8 @@ def test_cli_tiny_run_writes_json_and_plot(tmp_path, monkeypatch):
     assert 0 < clip["peak_flops_fraction"] and 0 < clip["floor_bytes_fraction"]
     assert "720" in next(r for r in records if r["stage"] == "decode_video")["note"]  # the generated 1280x720 video
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = md.read_text()
+    assert table.count("\n| torch | clip |") == 2 and "| ort vs torch | clip | 1 |" in table and "`cmdcl-bench --batch 1,2 --frames 4 --classes 5 --iters 2" in table
     assert "p50 ms" in result.output and "ort vs torch" in result.output
 
 

@@ -56,6 +56,31 @@ def text_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict) -> str:
+    """The records and comparisons as Markdown tables (for benchmarks/RESULTS.md), headed by the machine and command."""
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {s['threads']} threads"
+        + (f", {m['gpu']} (driver {m['driver']}, CUDA {m['cuda']})" if m.get("gpu") else ", no GPU")
+        + f"; load average {m['load_average']} at start, {m.get('load_average_end')} at end. "
+        + "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        f"Command: `{report.get('command', 'cmdcl-bench')}`",
+        "",
+        "| backend | stage | batch | p50 ms | p90 ms | p99 ms | throughput | video s/s | peak host MB | of GEMM peak | iters |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["records"]:
+        fraction = f"{100 * r['peak_flops_fraction']:.1f}%" if r["peak_flops_fraction"] is not None else "-"
+        lines.append(f"| {r['backend']} | {r['stage']} | {r['batch']} | {_num(r['p50_ms'])} | {_num(r['p90_ms'])} | "
+                     f"{_num(r['p99_ms'])} | {_num(r['throughput'])} {r['unit']} | {_num(r['video_s_per_s'], 1)} | "
+                     f"{_num(r['peak_mem_mb'], 0)} | {fraction} | {r['iters']} |")  # fmt: skip
+    if report["comparisons"]:
+        lines += ["", "| comparison | stage / backend | batch | ratio of p50 (>1: first is faster) |", "|---|---|---|---|"]
+        for c in report["comparisons"]:
+            lines.append(f"| {c['comparison']} | {c.get('stage') or c.get('backend')} | {c['batch']} | {c['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(report: dict, path) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

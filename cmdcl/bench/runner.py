@@ -13,7 +13,8 @@ For each backend, one at a time (so host memory is that backend's):
     clip            Backend.classify_clips: the whole model on B clips of F frames
     end_to_end      Recognizer.predict_many: decode + classify B videos
     stream_update   Recognizer.stream_many over B streams: one window update (decoding
-                    the new grid frames, encoding them once, one head call)
+                    the new grid frames, encoding them once, one head call); also
+                    stream_update_model, the part of it spent in the backend
     long_video      read_clip on a long video, seek-based vs one sequential pass
 
 With no --engine the models are random-weight CMDCL models of the chosen
@@ -28,6 +29,7 @@ import gc
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,6 +148,20 @@ class TorchVariantBackend(TorchBackend):
             return super().infer(part, feeds)
         with torch.autocast(self.device, dtype=torch_dtype(self.variant.precision)):
             return super().infer(part, feeds)
+
+
+class TimedBackend(Backend):
+    """Runs another backend, adding up the seconds spent in its graphs (`seconds`)."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.info, self.path, self.device, self.seconds = inner, inner.info, inner.path, inner.device, 0.0
+
+    def infer(self, part: str, feeds: dict) -> dict:
+        started = time.perf_counter()
+        try:
+            return self.inner.infer(part, feeds)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def torch_dtype(precision: str):
@@ -407,25 +423,31 @@ class Bench:
                      note=f"B={batch} L={seq_len} D={model.cfg.width} C={memories[0].shape[1]} Kz={memories[2].shape[1]}")  # fmt: skip
 
     def measure_stream(self, backend: Backend, name: str, batch: int, video: Path, engine) -> None:
-        """Recognizer.stream_many over `batch` copies of the video: ms per window update (the first window, which fills
-        the ring buffer, and `warmup` updates are dropped)."""
-        recognizer = Recognizer(backend, stride=self.stride_seconds)
-
-        def rounds():
-            windows = 0
-            for record in recognizer.stream_many([video] * batch):
-                if "window" in record:
-                    windows += 1
-                    if windows % batch == 0:  # every stream produced this window
-                        yield windows // batch
-
+        """Recognizer.stream_many over `batch` copies of the video, per window update: the wall time
+        ("stream_update": decoding the new grid frames, encoding them, the head) and the time spent in the
+        backend ("stream_update_model": the model work the token cache leaves). The first window, which fills
+        the ring buffer, and `warmup` updates are dropped."""
+        timed = TimedBackend(backend)
+        recognizer = Recognizer(timed, stride=self.stride_seconds)
+        wall, model, windows = [], [], 0
         with PeakMemory(self.cuda) as memory:
-            times = time_steps(rounds(), skip=1 + self.s.warmup)
-        if not times:
-            raise SkipStage(f"{video} is too short for {1 + self.s.warmup + 1} windows")
-        stride_frames = recognizer.stride_frames
-        self.add(name, "stream_update", batch, times, memory, "windows/s", batch, batch * self.stride_seconds,
-                 engine=engine, note=f"{stride_frames} new frames per stream (stride {self.stride_seconds:g} s), incl. decoding")  # fmt: skip
+            last_wall, last_model = time.perf_counter(), 0.0
+            for record in recognizer.stream_many([video] * batch):
+                windows += "window" in record
+                if "window" not in record or windows % batch:  # wait until every stream produced this window
+                    continue
+                now = time.perf_counter()
+                wall.append((now - last_wall) * 1e3)
+                model.append((timed.seconds - last_model) * 1e3)
+                last_wall, last_model = now, timed.seconds
+        skip = 1 + self.s.warmup
+        if len(wall) <= skip:
+            raise SkipStage(f"{video} is too short for {skip + 1} windows at stride {self.stride_seconds:g} s")
+        note = f"{recognizer.stride_frames} new frames per stream (stride {self.stride_seconds:g} s)"
+        self.add(name, "stream_update", batch, wall[skip:], memory, "windows/s", batch, batch * self.stride_seconds,
+                 engine=engine, note=note + ", incl. decoding")  # fmt: skip
+        self.add(name, "stream_update_model", batch, model[skip:], memory, "windows/s", batch, batch * self.stride_seconds,
+                 engine=engine, note=note + ", time inside the backend only")  # fmt: skip
 
     # ---- recording -----------------------------------------------------------------------------
     def measure(self, backend: str, stage: str, batch: int, fn, clips: int, video_seconds: float | None = None,
@@ -486,7 +508,7 @@ def comparisons(records: list[Record]) -> list[dict]:
                         "speedup": round(base.p50_ms / r.p50_ms, 3)})  # fmt: skip
     for r in records:
         clip = by_key.get((r.backend, "clip", r.batch))
-        if r.stage == "stream_update" and clip:
+        if r.stage == "stream_update_model" and clip:  # model work per window: cached tokens vs all F frames again
             out.append({"comparison": "stream update (token cache) vs whole clip", "backend": r.backend, "batch": r.batch,
                         "speedup": round(clip.p50_ms / r.p50_ms, 3)})  # fmt: skip
     seek, sequential = by_key.get(("pyav", "long_video_seek", 1)), by_key.get(("pyav", "long_video_sequential", 1))

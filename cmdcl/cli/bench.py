@@ -67,10 +67,11 @@ def _backend_names():
 @click.option("--cuda-graphs", is_flag=True, help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records and the machine as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a PNG of latency per stage and backend.")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write the tables as Markdown (for benchmarks/RESULTS.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Tracebacks instead of one-line errors; a failing stage stops the run.")
 def main(engines, backends, preset, batches, frames, classes, iters, warmup, device, threads, stages, video, long_video,
-         long_minutes, stride_frames, cuda_graphs, json_path, plot, quiet, debug):  # fmt: skip
+         long_minutes, stride_frames, cuda_graphs, json_path, plot, markdown, quiet, debug):  # fmt: skip
     """Measure CMDCL inference stage by stage: decoding (video and stream
     mode), preprocessing, frame encoder, head, the intervention op alone, the
     whole clip, decode + classify end to end, and a stream window update,
@@ -93,8 +94,9 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
         raise click.UsageError("--frames applies to the generated models; an --engine's frame count is fixed")
     if json_path:
         _check_writable(json_path, "--json")
-    if plot:
-        _check_writable(plot, "--plot")
+    for path, option in ((plot, "--plot"), (markdown, "--markdown")):
+        if path:
+            _check_writable(path, option)
     settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"), batches=batches, frames=frames,
                              classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,
                              video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames,
@@ -123,7 +125,7 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
         click.echo(f"cmdcl-bench: error: {_one_line(exc)}", err=True)
         sys.exit(1)
     bar.close()
-    report["command"] = shlex.join(["cmdcl-bench", *sys.argv[1:]])
+    report["command"] = _command_line(click.get_current_context())
     click.echo(output.text_report(report))
     if json_path:
         output.write_json(report, json_path)
@@ -131,6 +133,30 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     if plot:
         output.plot_latency(report, plot)
         click.echo(f"wrote {plot}", err=True)
+    if markdown:
+        markdown.write_text(output.markdown(report))
+        click.echo(f"wrote {markdown}", err=True)
+
+
+def _command_line(ctx) -> str:
+    """The options that differ from their defaults, as a command to rerun (recorded with the figures)."""
+    words = ["cmdcl-bench"]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        default = param.get_default(ctx)
+        if isinstance(value, tuple) and isinstance(default, str):  # --batch, --stages: parsed from a comma list
+            default = param.process_value(ctx, default)
+        if value in (None, False, ()) or value == default:
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            words.append(flag)
+        elif param.multiple:
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return shlex.join(words)
 
 
 def _check_writable(path: Path, option: str) -> None:
