@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,28 +99,29 @@ class BenchSettings:
     long_minutes: float = 10.0
     stride_frames: int | None = None  # stream mode; default the model's (F/2)
     cuda_graphs: bool = False
-    config_overrides: dict = field(default_factory=dict)  # extra CMDCLConfig fields for the generated models
 
 
 @dataclass
 class Record:
-    backend: str
+    """One stage of one backend at one batch size (a JSON record)."""
+
+    backend: str  # "torch", "ort", "trt", a torch variant, or "pyav" for decoding
     stage: str
-    batch: int
+    batch: int  # clips (or streams) per call
     p50_ms: float
     p90_ms: float
     p99_ms: float
-    throughput: float
+    throughput: float  # in `unit`: clips/s, windows/s or frames/s at the p50 latency
     unit: str
-    video_s_per_s: float | None
-    peak_mem_mb: float
-    device_mem_mb: float | None
-    iters: int
-    engine: str | None = None
+    video_s_per_s: float | None  # seconds of video processed per second, where a stage consumes video
+    peak_mem_mb: float  # peak host RSS during the stage
+    device_mem_mb: float | None  # peak PyTorch CUDA allocation during the stage
+    iters: int  # timed calls (or window updates, grid frames)
+    engine: str | None = None  # the --engine file, if one was given
     note: str = ""
-    gflops_per_s: float | None = None
-    peak_flops_fraction: float | None = None
-    floor_bytes_fraction: float | None = None
+    gflops_per_s: float | None = None  # FLOP floor of the stage / p50
+    peak_flops_fraction: float | None = None  # of the measured GEMM peak
+    floor_bytes_fraction: float | None = None  # clip: byte floor per second / measured copy bandwidth
 
 
 class TorchVariantBackend(TorchBackend):
@@ -255,20 +256,29 @@ class Bench:
             backend = (s.backends or ("auto",))[0]
             if len(s.backends) > 1:
                 raise BackendError("with --engine, give at most one --backend (it applies to every engine)")
+            if self.gpu_only(backend):
+                return []
             labels = [_engine_label(path, backend) for path in s.engines]
             labels = [f"{label}:{Path(path).name}" if labels.count(label) > 1 else label for label, path in zip(labels, s.engines)]
             return [(label, lambda p=path: self.load_engine(p, backend)) for label, path in zip(labels, s.engines)]
-        names = s.backends or (GPU_DEFAULT + (("torch-fp16-cudagraphs",) if s.cuda_graphs else ()) if self.cuda else CPU_DEFAULT)
+        names = list(s.backends or (GPU_DEFAULT if self.cuda else CPU_DEFAULT))
+        if s.cuda_graphs and "torch-fp16-cudagraphs" not in names:
+            names.append("torch-fp16-cudagraphs")
         plans = []
         for name in names:
             if name not in BACKENDS:
                 raise BackendError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
-            variant = TORCH_VARIANTS.get(name)
-            if not self.cuda and (name == "trt" or (variant and variant.needs_cuda)):
-                self.skip(name, "all", "needs an NVIDIA GPU (no CUDA device visible to PyTorch)")
-                continue
-            plans.append((name, lambda n=name: self.load_generated(n)))
+            if not self.gpu_only(name):
+                plans.append((name, lambda n=name: self.load_generated(n)))
         return plans
+
+    def gpu_only(self, name: str) -> bool:
+        """True (and the backend skipped) when `name` needs a GPU and there is none."""
+        variant = TORCH_VARIANTS.get(name)
+        if self.cuda or not (name == "trt" or (variant and variant.needs_cuda)):
+            return False
+        self.skip(name, "all", "needs an NVIDIA GPU (no CUDA device visible to PyTorch)")
+        return True
 
     def load_or_skip(self, name: str, load) -> Backend | None:
         try:
@@ -280,6 +290,8 @@ class Bench:
             return None
 
     def load_engine(self, path, backend: str) -> Backend:
+        if backend in TORCH_VARIANTS and backend != "torch":  # a .pt checkpoint run as a PyTorch variant
+            return TorchVariantBackend(path, self.device, backend, TORCH_VARIANTS[backend])
         loaded = load_backend(path, backend, self.device)
         if isinstance(loaded, OrtBackend):
             loaded.threads = self.threads  # sessions open on first use
@@ -311,10 +323,7 @@ class Bench:
 
             from ..model import CMDCL, preset, save_checkpoint
 
-            overrides = dict(self.s.config_overrides)
-            if self.s.frames:
-                overrides["num_frames"] = self.s.frames
-            cfg = preset(self.s.preset, **overrides)
+            cfg = preset(self.s.preset, **({"num_frames": self.s.frames} if self.s.frames else {}))
             torch.manual_seed(0)
             save_checkpoint(CMDCL(cfg, [f"class {i}" for i in range(self.s.classes)]).eval(), path)
         return path
