@@ -230,3 +230,16 @@ def test_serve_cli_errors(tmp_path):
     result = subprocess.run([str(SERVE_BIN / "cmdcl-serve"), "--engine", str(tmp_path / "absent.onnx")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == f"cmdcl-serve: error: {tmp_path / 'absent.onnx'}: no such file"
+
+
+def test_client_errors_are_one_line(model_dir):
+    require_serve_venv()
+    (port,) = free_ports(1)  # nothing listens there
+    for args in (["classify", str(model_dir / "v0.mp4")],
+                 ["load-test", str(model_dir / "v0.mp4"), "--engine", str(model_dir / "model.onnx"), "--seconds", "1"],
+                 ["load-test", str(model_dir / "absent.mp4"), "--engine", str(model_dir / "model.onnx")]):
+        result = subprocess.run([str(SERVE_BIN / "cmdcl-client"), *args, "--url", f"127.0.0.1:{port}"],
+                                capture_output=True, text=True, timeout=60)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("cmdcl-client: error: "), result.stderr
+        assert ("absent.mp4" if "absent.mp4" in args[1] else f"127.0.0.1:{port}") in lines[0]

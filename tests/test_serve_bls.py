@@ -23,7 +23,7 @@ import pytest
 from cmdcl.runtime import load_backend
 from cmdcl.serve.client import relative_error
 from cmdcl.serve.triton_repo import write_triton_repo
-from serve_helpers import SERVE_BIN, SERVE_VENV, export_small_model, require_serve_venv
+from serve_helpers import CLASSES, SERVE_BIN, SERVE_VENV, export_small_model, require_serve_venv
 from test_serve import free_ports, group_ended, request
 
 STAND_IN = '''"""Test stand-in for Triton's ONNX Runtime backend: runs 1/model.onnx with onnxruntime."""
@@ -138,6 +138,18 @@ def test_bls_clip_model_equals_offline_runtime(triton):
     expected = triton["offline"].infer("model", {"frames": frames})
     for name in ("logits", "embedding"):
         assert relative_error(served[name], expected[name]) <= 1e-4, name
+
+
+def test_labels_file_gives_class_names_through_the_classification_extension(triton):
+    frames = np.random.default_rng(5).integers(0, 256, (1, NUM_FRAMES, 32, 32, 3), dtype=np.uint8)
+    body = {"inputs": [{"name": "frames", "shape": list(frames.shape), "datatype": "UINT8", "data": frames.reshape(-1).tolist()}],
+            "outputs": [{"name": "logits", "parameters": {"classification": 2}}]}
+    status, answer = request(f"{triton['base']}/v2/models/cmdcl/infer", body)
+    assert status == 200, answer
+    logits = triton["offline"].classify_clips(frames)[0]
+    best = np.argsort(-logits)[:2]
+    # "score:index:label", best first
+    assert [entry.split(":")[1:] for entry in answer["outputs"][0]["data"]] == [[str(i), CLASSES[i]] for i in best]
 
 
 def test_stream_model_windows_per_camera_equal_offline_windows(triton):

@@ -141,13 +141,17 @@ def load_test_command(videos, engine, url, protocol, clients, seconds, max_reque
     from ..runtime.backends import load_backend
     from ..serve.client import load_test
 
+    url = url or _default_url(protocol)
     try:
         backend = load_backend(engine)
         clips = [read_clip(video, backend.info.num_frames, backend.info.image_size).frames for video in videos]
         expected = list(backend.classify_clips(np.stack(clips)))
-        report = load_test(url or _default_url(protocol), protocol, clips, expected, clients, seconds, max_requests)
-    except Exception as exc:
+    except Exception as exc:  # BackendError, VideoError: their messages name the file
         _fail(_first_line(exc), debug, exc, "cmdcl-client")
+    try:
+        report = load_test(url, protocol, clips, expected, clients, seconds, max_requests)
+    except Exception as exc:
+        _fail(f"{url}: {_first_line(exc)}", debug, exc, "cmdcl-client")
     click.echo(json.dumps(report.summary()))
     sys.exit(1 if report.errors or report.mismatches or not report.requests else 0)
 

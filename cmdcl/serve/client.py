@@ -95,13 +95,13 @@ class LoadReport:
         """Successful requests per second."""
         return (self.requests - self.errors) / self.seconds if self.seconds else 0.0
 
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+    def percentile(self, q: float) -> float | None:
+        return round(float(np.percentile(self.latencies_ms, q)), 2) if self.latencies_ms else None
 
     def summary(self) -> dict:
         return {"clients": self.clients, "requests": self.requests, "errors": self.errors, "mismatches": self.mismatches,
                 "seconds": round(self.seconds, 3), "throughput_rps": round(self.throughput, 2),
-                "p50_ms": round(self.percentile(50), 2), "p99_ms": round(self.percentile(99), 2),
+                "p50_ms": self.percentile(50), "p99_ms": self.percentile(99),
                 "first_problem": self.first_problem}
 
 
@@ -114,6 +114,12 @@ def load_test(url: str, protocol: str, inputs: list, expected: list, clients: in
     top label differs, is a mismatch."""
     if not inputs or len(inputs) != len(expected):
         raise ValueError("need one expected logits row per input clip")
+    probe = connect(url, protocol)  # a server that is not there is one error, not max_requests of them
+    try:
+        if not probe.is_model_ready(model):
+            raise ConnectionError(f"{url}: model {model!r} is not ready")
+    finally:
+        probe.close()
     report, lock = LoadReport(clients), threading.Lock()
     deadline = time.monotonic() + seconds
     counter = iter(range(max_requests))
