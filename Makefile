@@ -36,12 +36,12 @@ run: venv
 	$(VENV)/bin/cmdcl-run $$($(PY) -c 'import cmdcl.assets as a; print(*(a.demo_video(label) for label in a.DEMO_VIDEOS))')
 
 # CPU benchmarks (cmdcl-bench): tiny at batch 1 and 8, base (ViT-B/16, 64 frames) at batch 1 with few
-# iterations (each base clip is ~2.3 TFLOP). JSON and plots go to $(BENCH_DIR); ~30 min on 2 cores.
+# iterations (each base clip is ~2.3 TFLOP). JSON, plots and Markdown tables go to $(BENCH_DIR).
 BENCH_DIR ?= benchmarks/results
 bench: venv
 	mkdir -p $(BENCH_DIR)
-	$(VENV)/bin/cmdcl-bench --device cpu --preset tiny --batch 1,8 --iters 20 --warmup 3 --json $(BENCH_DIR)/cpu-tiny.json --plot $(BENCH_DIR)/cpu-tiny.png
-	$(VENV)/bin/cmdcl-bench --device cpu --preset base --batch 1 --iters 3 --warmup 1 --json $(BENCH_DIR)/cpu-base.json --plot $(BENCH_DIR)/cpu-base.png
+	$(VENV)/bin/cmdcl-bench --device cpu --preset tiny --batch 1,8 --iters 20 --warmup 3 --json $(BENCH_DIR)/cpu-tiny.json --plot $(BENCH_DIR)/cpu-tiny.png --markdown $(BENCH_DIR)/cpu-tiny.md
+	$(VENV)/bin/cmdcl-bench --device cpu --preset base --batch 1 --iters 3 --warmup 1 --json $(BENCH_DIR)/cpu-base.json --plot $(BENCH_DIR)/cpu-base.png --markdown $(BENCH_DIR)/cpu-base.md
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) build *.egg-info .pytest_cache
