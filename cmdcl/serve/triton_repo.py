@@ -48,22 +48,23 @@ class _Enum(str):
 
 def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None, max_batch: int = 8,
                       max_frames: int = 64, instance_kind: str = "auto", instance_count: int = 1,
-                      queue_delay_us: int = 2000, stride_frames: int | None = None) -> list[Path]:
+                      queue_delay_us: int = 2000, stride_frames: int | None = None, max_sequences: int = 64) -> list[Path]:
     """Write the four models for `model_onnx` (exported with its split graphs) into `repo`.
 
     `engine_format="plan"` takes the TensorRT engines `<engine stem>.frame_encoder.plan`
     and `.head.plan` that cmdcl-build wrote for `engine`. `max_batch` is the most clips
     per head call (and frames per cmdcl_stream batch), `max_frames` the most frames per
     frame_encoder call; a plan's optimisation profile bounds both. `stride_frames` (the
-    stream model's window step) defaults to the model's recorded sampling. Returns the
-    config files written.
+    stream model's window step) defaults to the model's recorded sampling; `max_sequences`
+    cameras stream at once (Triton holds a further camera back until one ends or idles
+    out). Returns the config files written.
     """
     if engine_format not in ENGINE_FORMATS:
         raise TritonRepoError(f"engine format must be one of {', '.join(ENGINE_FORMATS)}, not {engine_format!r}")
     if instance_kind not in INSTANCE_KINDS:
         raise TritonRepoError(f"instance kind must be one of {', '.join(INSTANCE_KINDS)}, not {instance_kind!r}")
-    if min(max_batch, max_frames, instance_count) < 1 or queue_delay_us < 0:
-        raise TritonRepoError("max batch, max frames and instance count must be >= 1, queue delay >= 0")
+    if min(max_batch, max_frames, instance_count, max_sequences) < 1 or queue_delay_us < 0:
+        raise TritonRepoError("max batch, max frames, instance count and max sequences must be >= 1, queue delay >= 0")
     model_onnx, repo = Path(model_onnx), Path(repo)
     meta = _read(model_onnx)
     sources = _engine_files(model_onnx, engine_format, engine, max_batch, max_frames)
@@ -111,7 +112,7 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
                     _control("END", "CONTROL_SEQUENCE_END"),
                     {"name": "CORRID", "control": [{"kind": _Enum("CONTROL_SEQUENCE_CORRID"), "data_type": _Enum("TYPE_UINT64")}]},
                 ],
-                "oldest": {"max_candidate_sequences": 4 * max_batch, "preferred_batch_size": [max_batch],
+                "oldest": {"max_candidate_sequences": max_sequences, "preferred_batch_size": [max_batch],
                            "max_queue_delay_microseconds": queue_delay_us},
             },
             "instance_group": [{"count": 1, "kind": _Enum("KIND_CPU")}],
