@@ -243,3 +243,12 @@ def test_client_errors_are_one_line(model_dir):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("cmdcl-client: error: "), result.stderr
         assert ("absent.mp4" if "absent.mp4" in args[1] else f"127.0.0.1:{port}") in lines[0]
+
+
+def test_serving_modules_import_without_pytriton_or_tritonclient():
+    import sys
+
+    code = ("import json, sys, cmdcl.serve.server, cmdcl.serve.client, cmdcl.serve.triton_repo, cmdcl.cli.serve;"
+            "print(json.dumps([m for m in ('pytriton', 'tritonclient') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out) == []
