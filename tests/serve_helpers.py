@@ -5,13 +5,19 @@ PyTriton and tritonclient pin numpy<2 and protobuf<7, so they live in
 the server, the clients and Triton's config parser there, as subprocesses.
 """
 
+import contextlib
+import json
 import os
+import signal
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +47,72 @@ def run_serve_python(*args, timeout=120) -> subprocess.CompletedProcess:
     """`python *args` in the serving venv."""
     return subprocess.run([str(SERVE_BIN / "python"), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def request(url, body=None, timeout=60):
+    """(HTTP status, parsed JSON body) of a GET, or a POST of `body` (a dict, or raw bytes)."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as response:
+            text = response.read()
+            return response.status, json.loads(text) if text else None
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+@contextlib.contextmanager
+def running_server(command, log_path: Path, ready_urls, env=None, timeout=120):
+    """Start `command` in its own process group (so tritonserver and its workers are in
+    it), wait until every URL in `ready_urls` answers 200, yield the process. At the
+    end the group is stopped by the process's own pid: SIGTERM, SIGKILL after 30 s,
+    and the test fails if any member outlives that."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(list(map(str, command)), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while not _all_ready(ready_urls):
+                if process.poll() is not None:
+                    pytest.fail(f"{command[0]} exited with {process.returncode}: {log_path.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{command[0]} was not ready within {timeout} s")
+                time.sleep(0.5)
+            yield process
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+            if not _group_ended(process.pid, timeout=30):  # workers exit after the main process
+                os.killpg(process.pid, signal.SIGKILL)
+                pytest.fail(f"processes of {command[0]}'s group outlived it by 30 s after SIGTERM")
+
+
+def _all_ready(urls) -> bool:
+    try:
+        return all(request(url, timeout=2)[0] == 200 for url in urls)
+    except OSError:
+        return False
+
+
+def _group_ended(pgid, timeout) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False

@@ -7,46 +7,26 @@ offline runtime (ONNX Runtime on the same files) at DESIGN.md's fp32 tolerance.
 
 import importlib.util
 import json
-import os
-import signal
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from serve_helpers import (
+    SERVE_BIN,
+    export_small_model,
+    free_ports,
+    request,
+    require_serve_venv,
+    running_server,
+)
 
-from cmdcl.data.video import read_clip, write_video
+from cmdcl.data.video import write_video
 from cmdcl.runtime import Recognizer, load_backend
 from cmdcl.serve.client import relative_error
 from cmdcl.serve.server import model_functions
-from serve_helpers import SERVE_BIN, export_small_model, require_serve_venv
 
 MAX_BATCH = 4
-
-
-def free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def request(url, body=None, timeout=60):
-    """(HTTP status, parsed JSON body) of a GET, or a POST of `body` (a dict, or raw bytes)."""
-    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as response:
-            text = response.read()
-            return response.status, json.loads(text) if text else None
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
 
 
 def infer_json(base, model, name, array, datatype=None, shape=None):
@@ -76,48 +56,12 @@ def model_dir(tmp_path_factory):
 def server(model_dir):
     require_serve_venv()
     http, grpc, metrics = free_ports(3)
-    log = open(model_dir / "serve.log", "w")
-    process = subprocess.Popen(
-        [str(SERVE_BIN / "cmdcl-serve"), "--engine", str(model_dir / "model.onnx"), "--http-port", str(http),
-         "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", str(MAX_BATCH)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # its own process group: tritonserver included
     base = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"cmdcl-serve exited with {process.returncode}: {(model_dir / 'serve.log').read_text()[-2000:]}")
-            try:
-                if all(request(f"{base}/v2/models/{m}/ready", timeout=2)[0] == 200 for m in ("cmdcl", "frame_encoder", "head")):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("cmdcl-serve was not ready within 120 s")
-            time.sleep(0.5)
-        yield {"base": base, "http": http, "grpc": grpc, "process": process, "log": model_dir / "serve.log"}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # by its own pid (= process group id)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        log.close()
-        if not group_ended(process.pid, timeout=30):  # tritonserver and PyTriton's workers exit after the main process
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail("processes of cmdcl-serve's group outlived it by 30 s after SIGTERM")
-
-
-def group_ended(pgid, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
+    command = [SERVE_BIN / "cmdcl-serve", "--engine", model_dir / "model.onnx", "--http-port", http, "--grpc-port", grpc,
+               "--metrics-port", metrics, "--max-batch", MAX_BATCH]
+    ready = [f"{base}/v2/models/{m}/ready" for m in ("cmdcl", "frame_encoder", "head")]
+    with running_server(command, model_dir / "serve.log", ready) as process:
+        yield {"base": base, "http": http, "grpc": grpc, "process": process}
 
 
 @pytest.fixture(scope="module")

@@ -11,20 +11,26 @@ is the repository exactly as written. Requests use Triton's HTTP/JSON protocol.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
+from serve_helpers import (
+    CLASSES,
+    SERVE_BIN,
+    SERVE_VENV,
+    export_small_model,
+    free_ports,
+    request,
+    require_serve_venv,
+    running_server,
+)
 
 from cmdcl.runtime import load_backend
 from cmdcl.serve.client import relative_error
 from cmdcl.serve.triton_repo import write_triton_repo
-from serve_helpers import CLASSES, SERVE_BIN, SERVE_VENV, export_small_model, require_serve_venv
-from test_serve import free_ports, group_ended, request
 
 STAND_IN = '''"""Test stand-in for Triton's ONNX Runtime backend: runs 1/model.onnx with onnxruntime."""
 import json
@@ -87,38 +93,12 @@ def triton(tmp_path_factory):
                             capture_output=True, text=True, check=True).stdout.strip()
     env = dict(os.environ, PATH=f"{SERVE_BIN}:{os.environ['PATH']}",  # the stub takes the venv's python (numpy<2)
                LD_LIBRARY_PATH=f"{libdir}:{libs}")  # and its libpython, not the system's
-    log = open(root / "tritonserver.log", "w")
-    process = subprocess.Popen([str(binary), f"--model-repository={repo}", f"--backend-directory={root / 'backends'}",
-                                "--http-address=127.0.0.1", "--grpc-address=127.0.0.1", f"--http-port={http}",
-                                f"--grpc-port={grpc}", f"--metrics-port={metrics}", "--allow-metrics=false",
-                                "--exit-timeout-secs=5"],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    command = [binary, f"--model-repository={repo}", f"--backend-directory={root / 'backends'}", "--http-address=127.0.0.1",
+               "--grpc-address=127.0.0.1", f"--http-port={http}", f"--grpc-port={grpc}", f"--metrics-port={metrics}",
+               "--allow-metrics=false", "--exit-timeout-secs=5"]
     base = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"tritonserver exited with {process.returncode}: {(root / 'tritonserver.log').read_text()[-3000:]}")
-            try:
-                if request(f"{base}/v2/health/ready", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("tritonserver was not ready within 120 s")
-            time.sleep(0.5)
+    with running_server(command, root / "tritonserver.log", [f"{base}/v2/health/ready"], env=env) as process:
         yield {"base": base, "process": process, "offline": load_backend(paths["model"])}
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        log.close()
-        if not group_ended(process.pid, timeout=30):
-            os.killpg(process.pid, signal.SIGKILL)
-            pytest.fail("tritonserver's Python-backend stubs outlived it by 30 s")
 
 
 def infer(base, model, name, array, parameters=None):

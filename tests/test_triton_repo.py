@@ -7,9 +7,14 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from serve_helpers import (
+    CLASSES,
+    export_small_model,
+    require_serve_venv,
+    run_serve_python,
+)
 
 from cmdcl.serve.triton_repo import TritonRepoError, to_pbtxt, write_triton_repo
-from serve_helpers import CLASSES, export_small_model, require_serve_venv, run_serve_python
 
 
 @pytest.fixture(scope="module")

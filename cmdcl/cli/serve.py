@@ -39,8 +39,9 @@ def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_
     from ..runtime.backends import BackendError, load_backend
 
     try:
-        from ..serve.server import ServeConfig, serve
         import pytriton  # noqa: F401  (fail here, with the fix, rather than inside serve)
+
+        from ..serve.server import ServeConfig, serve
     except ImportError as exc:
         _fail(f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
               "make serve-venv, then .venv-serve/bin/cmdcl-serve", debug, exc)

@@ -91,8 +91,9 @@ class TritonPythonModel:
         """Run `model` on `array` in chunks of at most `max_batch` along axis 0."""
         chunks = []
         for start in range(0, len(array), max_batch):
+            chunk = np.ascontiguousarray(array[start : start + max_batch])
             request = pb_utils.InferenceRequest(model_name=model, requested_output_names=output_names,
-                                                inputs=[pb_utils.Tensor(input_name, np.ascontiguousarray(array[start : start + max_batch]))])
+                                                inputs=[pb_utils.Tensor(input_name, chunk)])
             response = request.exec()
             if response.has_error():
                 raise pb_utils.TritonModelException(f"{model}: {response.error().message()}")
