@@ -19,6 +19,10 @@ def _num(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
 
 
+def _percent(fraction) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def text_report(report: dict) -> str:
     """Machine line, the records table, comparisons, floors and skipped stages."""
     m, s = report["machine"], report["settings"]
@@ -33,9 +37,9 @@ def text_report(report: dict) -> str:
     ]
     rows = [[r["backend"], r["stage"], r["batch"], _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p99_ms"]),
              f"{_num(r['throughput'])} {r['unit']}", _num(r["video_s_per_s"], 1), _num(r["peak_mem_mb"], 0),
-             _num(r["device_mem_mb"], 0), _num(r["peak_flops_fraction"], 3), r["iters"]] for r in report["records"]]  # fmt: skip
+             _num(r["device_mem_mb"], 0), _percent(r["peak_flops_fraction"]), r["iters"]] for r in report["records"]]  # fmt: skip
     lines.append(format_table(["backend", "stage", "batch", "p50 ms", "p90 ms", "p99 ms", "throughput", "video s/s",
-                               "host MB", "GPU MB", "of peak", "iters"], rows))  # fmt: skip
+                               "host MB", "GPU MB", "of GEMM peak", "iters"], rows))  # fmt: skip
     if report["comparisons"]:
         lines += ["", "comparisons (ratio of p50 latencies; > 1: the first named is faster):"]
         for c in report["comparisons"]:
@@ -70,7 +74,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["records"]:
-        fraction = f"{100 * r['peak_flops_fraction']:.1f}%" if r["peak_flops_fraction"] is not None else "-"
+        fraction = _percent(r["peak_flops_fraction"])
         lines.append(f"| {r['backend']} | {r['stage']} | {r['batch']} | {_num(r['p50_ms'])} | {_num(r['p90_ms'])} | "
                      f"{_num(r['p99_ms'])} | {_num(r['throughput'])} {r['unit']} | {_num(r['video_s_per_s'], 1)} | "
                      f"{_num(r['peak_mem_mb'], 0)} | {fraction} | {r['iters']} |")  # fmt: skip
