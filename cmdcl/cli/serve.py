@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import signal
+import socket
 import sys
 
 import click
@@ -57,6 +59,9 @@ def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_
     def ready(names):
         click.echo(f"cmdcl-serve: serving {model.path} ({model.name}) as {', '.join(names)} on "
                    f"http://{host}:{http_port} and grpc {host}:{grpc_port}", err=True)
+        if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+            click.echo(f"cmdcl-serve: warning: {host} is not a loopback address: anyone who can reach it can use "
+                       "the model (Triton has no authentication here)", err=True)
 
     signal.signal(signal.SIGTERM, _stop)  # leave the with-block: PyTriton stops tritonserver and its workers
     try:
