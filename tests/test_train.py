@@ -16,6 +16,16 @@ from cmdcl.train.loop import ABLATIONS, TrainOptions, evaluate, model_config, tr
 SIZE = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are too small to gain from intra-op threads, and on a
+    busy 2-core machine threads waiting for each other cost minutes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")

@@ -41,6 +41,7 @@ ABLATIONS = {
     "no-both": {"textual_intervention": False, "visual_intervention": False},
 }
 RESUME_FORMAT = "cmdcl-resume"
+RESUME_FREE = ("out", "resume", "device", "cache_dir", "val")  # options a resumed run may change
 
 
 @dataclass
@@ -212,8 +213,8 @@ def _check_resume(state: dict, opts: TrainOptions, path: Path) -> None:
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
         raise ValueError(f"{path}: not a cmdcl-train resume file")
     saved = state["options"]
-    for key in ("preset", "epochs", "batch_size", "frames", "image_size", "lr", "seed", "ablation", "candidates", "target"):
-        if saved.get(key) != getattr(opts, key):
+    for key, value in dataclasses.asdict(opts).items():
+        if key not in RESUME_FREE and saved.get(key) != value:
             raise ValueError(f"{path}: cannot resume: it was trained with {key}={saved.get(key)!r}, not {getattr(opts, key)!r}")
 
 
@@ -278,7 +279,6 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
         ablated = not (cfg.textual_intervention and cfg.visual_intervention)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=ablated)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    local_batch = opts.batch_size // world
 
     end_epoch = opts.epochs if stop_after is None else min(opts.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
