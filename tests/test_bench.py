@@ -95,6 +95,22 @@ def test_read_clip_forced_strategy(tmp_path):
         read_clip(path, 4, 32, strategy="fastest")
 
 
+def test_synthetic_video_has_sparse_keyframes(tmp_path, monkeypatch):
+    """The generated 720p H.264 keeps the asked keyframe interval (FFmpeg's test source marks every frame I)."""
+    import av
+
+    from cmdcl.bench.runner import synthetic_video
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = synthetic_video(2.5, 1, log=lambda message: None)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height, stream.codec_context.name) == (1280, 720, "h264")
+        keyframes = [float(p.pts * stream.time_base) for p in container.demux(stream) if p.is_keyframe and p.pts is not None]
+    assert keyframes == pytest.approx([0.0, 1.0, 2.0])
+    assert synthetic_video(2.5, 1, log=None) == path  # cached: not generated again (log=None would fail if it were)
+
+
 # ---- the benchmark end to end -------------------------------------------------------------------
 def test_cli_tiny_run_writes_json_and_plot(tmp_path, monkeypatch):
     """Every stage on both CPU backends and two batch sizes, with the generated 720p videos (tiny lengths)."""

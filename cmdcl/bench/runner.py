@@ -555,7 +555,7 @@ def synthetic_video(seconds: float, gop_seconds: float, log) -> Path:
 
     width, height = VIDEO_SIZE
     seconds = round(seconds, 1)
-    path = cache_dir() / "bench" / f"testsrc2-{width}x{height}-{VIDEO_RATE}fps-gop{gop_seconds}s-{seconds:g}s.mp4"
+    path = cache_dir() / "bench" / f"testsrc2-{width}x{height}-{VIDEO_RATE}fps-gop{gop_seconds}s-{seconds:g}s-v2.mp4"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -567,7 +567,9 @@ def synthetic_video(seconds: float, gop_seconds: float, log) -> Path:
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.gop_size = int(gop_seconds * VIDEO_RATE)
         for frame in source.decode(video=0):
-            for packet in stream.encode(frame.reformat(format="yuv420p")):
+            frame = frame.reformat(format="yuv420p")
+            frame.pict_type = av.video.frame.PictureType.NONE  # lavfi marks every frame I, which would force all-intra
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
