@@ -128,3 +128,21 @@ def test_cli_reports_bad_manifests_by_line(synth, tmp_path):
     assert result.exit_code == 1 and "none.pt: no such file" in result.output
     result = CliRunner().invoke(train_cli, ["--data", str(missing), "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 1 and f"{missing}:3: video file not found" in result.output
+
+
+def test_clip_weights_set_the_towers_and_the_frozen_vlm(synth, tmp_path):
+    from cmdcl.model import CLIP, TextConfig, VisionConfig
+
+    torch.manual_seed(0)
+    clip = CLIP(VisionConfig(image_size=SIZE, patch_size=16, width=64, layers=1, heads=1, output_dim=24),
+                TextConfig(context_length=8, vocab_size=64, width=64, layers=1, heads=1, output_dim=24))
+    weights = tmp_path / "clip.pt"
+    torch.save(clip.state_dict_openai(), weights)
+    opts = options(synth, tmp_path / "c.pt", epochs=1, clip_weights=str(weights), image_size=None)
+    model = train(opts, progress=False)
+    assert model.cfg.vision.width == 64 and model.cfg.embed_dim == 24 and model.cfg.vision.image_size == SIZE
+    assert model.checkpoint_extra["frozen_vlm"].startswith("CLIP image tower")
+    # the dictionaries are k-means of the CLIP tower's tokens: V_P lives in its embedding space
+    assert model.bias_dict.shape == (model.cfg.num_bias, 24)
+    with pytest.raises(ValueError, match="--image-size 64 differs from the CLIP weights' 32"):
+        train(options(synth, tmp_path / "d.pt", clip_weights=str(weights), image_size=64), progress=False)
