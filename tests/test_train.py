@@ -86,6 +86,14 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(synth, tmp_path):
         train(options(synth, tmp_path / "b.pt", epochs=2, resume=True, seed=1), progress=False)
 
 
+def test_decoding_every_epoch_at_random_offsets_is_seeded(synth, tmp_path):
+    a = train(options(synth, tmp_path / "a.pt", epochs=1, candidates=0), progress=False)
+    b = train(options(synth, tmp_path / "b.pt", epochs=1, candidates=0), progress=False)
+    c = train(options(synth, tmp_path / "c.pt", epochs=1, candidates=1), progress=False)  # centred frames
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.token_proj.weight, c.token_proj.weight)
+
+
 def test_ablations_switch_the_interventions_off():
     opts = lambda ablation: TrainOptions(data="-", out="-", ablation=ablation)  # noqa: E731
     flags = {a: (model_config(opts(a), False).textual_intervention, model_config(opts(a), False).visual_intervention) for a in ABLATIONS}

@@ -43,7 +43,7 @@ def clean_errors(debug: bool):
 @click.option("--text-init", default="auto", type=click.Choice(["auto", "clip", "minilm", "random"]), help="How label texts T start (see README).")
 @click.option("--classes", type=click.Path(exists=True, dir_okay=False), help="Class list, one name per line [default: classes.txt beside the manifest, else the labels found].")
 @click.option("--target", default="label", type=click.Choice(["label", "segments"]), help="'segments': multi-label atomic actions from the manifest's segments.")
-@click.option("--candidates", default=2, type=click.IntRange(min=1), help="Frames decoded per segment; training picks one at random each epoch.")
+@click.option("--candidates", default=2, type=click.IntRange(min=0), help="Frames decoded once per segment; training picks one at random each epoch. 0: decode every epoch at random times (exact, slower).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips and VLM features here.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume if it exists (same options).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

@@ -3,8 +3,9 @@
 Recipe: videos are decoded once into uint8 clips (cached on disk with
 `cache_dir`); the training clips hold `candidates` frames per segment, and
 each epoch picks one of them at random per segment (segment-based random
-offsets on a fixed sub-grid), evaluation uses the centred frame of each
-segment. The dictionaries V_P and Z are k-means over the frozen image tower's
+offsets on a fixed sub-grid); `candidates=0` decodes every video anew each
+epoch at uniformly random times within its segments (exact, slower).
+Evaluation uses the centred frame of each segment. The dictionaries V_P and Z are k-means over the frozen image tower's
 tokens of the training frames (cmdcl.train.dictionaries); the frozen tower is
 the video encoder as initialised (CLIP with --clip-weights, otherwise the
 seeded random tower: see the README). AdamW with a lower learning rate for
@@ -63,7 +64,7 @@ class TrainOptions:
     text_init: str = "auto"
     classes: str | None = None  # class list file (default: the dataset's)
     target: str = "label"  # "segments": multi-label atomic actions from a manifest
-    candidates: int = 2  # frames decoded per segment for random offsets
+    candidates: int = 2  # frames decoded once per segment for random offsets; 0: decode every epoch
     cache_dir: str | None = None
     resume: bool = False
     device: str = "auto"
@@ -104,6 +105,19 @@ def decode_clips(dataset: VideoDataset, num_frames: int, size: int, cache_dir: s
         cache.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save(clips, cache)
     return clips
+
+
+def random_offset_clips(dataset: VideoDataset, indices: torch.Tensor, seed: int, epoch: int, num_frames: int, size: int) -> torch.Tensor:
+    """uint8 [len(indices), F, size, size, 3]: each video decoded anew at a random
+    time within each of its F segments (seeded by seed, epoch and video)."""
+    import numpy as np
+
+    from ..data.video import read_clip
+
+    return torch.stack([
+        torch.from_numpy(read_clip(dataset.entries[i].path, num_frames, size, "random", np.random.default_rng([seed, epoch, i])).frames)
+        for i in indices.tolist()
+    ])
 
 
 def epoch_sampling(seed: int, epoch: int, num_videos: int, num_frames: int, candidates: int):
@@ -236,8 +250,8 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
         torch.cuda.set_device(device)
     if opts.batch_size % world:
         raise ValueError(f"--batch-size {opts.batch_size} must be divisible by the {world} processes")
-    if opts.candidates < 1:
-        raise ValueError("candidates must be >= 1")
+    if opts.candidates < 0:
+        raise ValueError("candidates must be >= 0")
 
     dataset = load_dataset(opts.data, "train", opts.classes, opts.target)
     out = Path(opts.out)
@@ -252,7 +266,8 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     model, method = build_model(opts, dataset, with_text_init=fresh, progress=show)
     cfg = model.cfg
     size, num_frames, candidates = cfg.vision.image_size, cfg.num_frames, opts.candidates
-    clips = decode_clips(dataset, num_frames * candidates, size, opts.cache_dir, show)
+    # With candidates == 0 these centred clips only feed the dictionaries.
+    clips = decode_clips(dataset, num_frames * max(candidates, 1), size, opts.cache_dir, show)
     targets = dataset.targets(cfg.multi_label)
     steps_per_epoch = len(dataset.entries) // opts.batch_size
     if steps_per_epoch == 0:
@@ -283,12 +298,15 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     end_epoch = opts.epochs if stop_after is None else min(opts.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, end_epoch):
         model.train()
-        order, frame_index = epoch_sampling(opts.seed, epoch, len(dataset.entries), num_frames, candidates)
+        order, frame_index = epoch_sampling(opts.seed, epoch, len(dataset.entries), num_frames, max(candidates, 1))
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, videos (this process)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{opts.epochs}", disable=not show, unit="batch")
         for step in bar:
             batch = order[step * opts.batch_size : (step + 1) * opts.batch_size][rank::world]
-            frames = clips[batch[:, None], frame_index[batch]].to(device)
+            if candidates:
+                frames = clips[batch[:, None], frame_index[batch]].to(device)
+            else:
+                frames = random_offset_clips(dataset, batch, opts.seed, epoch, num_frames, size).to(device)
             y = targets[batch].to(device)
             with autocast:
                 logits, _ = net(frames)
