@@ -204,7 +204,7 @@ class Bench:
         machine = machine_info(self.device, self.threads)
         self.log(f"cmdcl-bench: {machine['cpu']} ({machine['cores']} cores, {self.threads} threads), device {self.device}"
                  + (f" ({machine['gpu']})" if machine["gpu"] else "") + f", load average {machine['load_average']}")
-        peaks = measured_peaks(self.device, self.threads)
+        peaks = measured_peaks(self.device, self.threads)  # again at the end: the better of the two (others' load varies)
         info = cfg = video = None
         for label, load in self.plan_backends():
             backend = self.load_or_skip(label, load)
@@ -229,6 +229,7 @@ class Bench:
             gc.collect()
         if info is None:
             raise BackendError("nothing to measure: no backend could run here (see the reasons above)")
+        peaks = {key: max(value, peaks[key]) for key, value in measured_peaks(self.device, self.threads).items()}
         num_classes = len(info.classes)
         floors_by_batch = {b: floor_counts.model_floors(cfg, num_classes, b) for b in s.batches} if cfg else {}
         self.add_fractions(floors_by_batch, peaks)
