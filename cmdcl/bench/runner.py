@@ -227,6 +227,10 @@ class Bench:
                     self.measure_model_stage(backend, label, stage, batch, video)
             del backend
             gc.collect()
+            if self.cuda:
+                import torch
+
+                torch.cuda.empty_cache()  # the next backend's device memory starts from zero
         if info is None:
             raise BackendError("nothing to measure: no backend could run here (see the reasons above)")
         peaks = {key: max(value, peaks[key]) for key, value in measured_peaks(self.device, self.threads).items()}
@@ -305,13 +309,16 @@ class Bench:
         onnx_path = self.generated_onnx()
         if name == "ort":
             return OrtBackend(onnx_path, self.device, threads=self.threads)
-        from ..export.tensorrt_build import EngineBuildError, build_engines
+        from ..export.tensorrt_build import EngineBuildError, build_engine, split_pairs
 
         plan = self.work / "model.plan"
         if not plan.exists():
             self.log("cmdcl-bench: building TensorRT engines (fp16) from the exported ONNX")
-            try:
-                build_engines(onnx_path, plan, precision="fp16", max_batch=max(self.s.batches))
+            largest, frames = max(self.s.batches), self.generated_config().num_frames
+            try:  # the frame encoder's batch axis counts frames: its profile reaches the largest batch's B*F
+                for part_onnx, part_plan in split_pairs(onnx_path, plan):
+                    per_clip = frames if part_onnx.name.endswith(".frame_encoder.onnx") else 1
+                    build_engine(part_onnx, part_plan, precision="fp16", max_batch=largest * per_clip)
             except EngineBuildError as exc:
                 raise BackendError(str(exc)) from None
         return load_backend(plan, "trt", self.device)
@@ -322,12 +329,16 @@ class Bench:
         if not path.exists():
             import torch
 
-            from ..model import CMDCL, preset, save_checkpoint
+            from ..model import CMDCL, save_checkpoint
 
-            cfg = preset(self.s.preset, **({"num_frames": self.s.frames} if self.s.frames else {}))
             torch.manual_seed(0)
-            save_checkpoint(CMDCL(cfg, [f"class {i}" for i in range(self.s.classes)]).eval(), path)
+            save_checkpoint(CMDCL(self.generated_config(), [f"class {i}" for i in range(self.s.classes)]).eval(), path)
         return path
+
+    def generated_config(self):
+        from ..model import preset
+
+        return preset(self.s.preset, **({"num_frames": self.s.frames} if self.s.frames else {}))
 
     def generated_onnx(self) -> Path:
         path = self.work / "model.onnx"
