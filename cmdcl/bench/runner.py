@@ -44,7 +44,6 @@ from .measure import PeakMemory, load_average, machine_info, measured_peaks, per
 
 STAGES = ("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip", "end_to_end",
           "stream_update", "long_video")  # fmt: skip
-VIDEO_STAGES = ("decode_video", "decode_stream", "preprocess", "long_video")  # no model: backend "pyav"
 MODEL_STAGES = ("frame_encoder", "head", "intervention", "clip", "end_to_end", "stream_update")
 FLOP_STAGES = {"frame_encoder": "frame_encoder", "head": "head", "intervention": "intervention_op", "clip": "clip"}
 

@@ -49,10 +49,6 @@ class Clip:
     strategy: str  # "seek" or "sequential"
     duration: float  # seconds spanned by the video stream
 
-    @property
-    def decoded_per_sampled(self) -> float:
-        return self.frames_decoded / len(self.frames)
-
 
 @dataclass
 class Reconnect:

@@ -35,7 +35,6 @@ from .intervention_node import DOMAIN, OP_VERSION, intervention_function
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
 PRECISIONS = ("fp32", "fp16")
-ROLES = ("full", "frame_encoder", "head")
 
 
 class ExportError(RuntimeError):

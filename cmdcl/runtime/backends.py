@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-PARTS = ("model", "frame_encoder", "head")
 BACKENDS = ("auto", "ort", "trt", "torch")
 # Stream mode defaults when a model records none: one grid frame per second, windows overlapping by half.
 DEFAULT_STREAM_FPS = 1.0
