@@ -266,8 +266,8 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     model, method = build_model(opts, dataset, with_text_init=fresh, progress=show)
     cfg = model.cfg
     size, num_frames, candidates = cfg.vision.image_size, cfg.num_frames, opts.candidates
-    # With candidates == 0 these centred clips only feed the dictionaries.
-    clips = decode_clips(dataset, num_frames * max(candidates, 1), size, opts.cache_dir, show)
+    # With candidates == 0 these centred clips only feed the dictionaries, which only a fresh main process builds.
+    clips = decode_clips(dataset, num_frames * max(candidates, 1), size, opts.cache_dir, show) if candidates or fresh else None
     targets = dataset.targets(cfg.multi_label)
     steps_per_epoch = len(dataset.entries) // opts.batch_size
     if steps_per_epoch == 0:
