@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-import traceback
 from pathlib import Path
 
 import click
+
+from .errors import fail, first_line
 
 STAGE_HELP = ("decode_video, decode_stream, preprocess, frame_encoder, head, intervention, clip, end_to_end, "
               "stream_update, long_video")  # fmt: skip
@@ -120,10 +121,7 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
         report = Bench(settings, progress=progress, log=log, debug=debug).run()
     except (BackendError, OSError, ValueError, RuntimeError) as exc:
         bar.close()
-        if debug:
-            traceback.print_exc()
-        click.echo(f"cmdcl-bench: error: {_one_line(exc)}", err=True)
-        sys.exit(1)
+        fail("cmdcl-bench", first_line(exc), 1, debug, exc)
     bar.close()
     report["command"] = _command_line(click.get_current_context())
     click.echo(output.text_report(report))
@@ -163,11 +161,6 @@ def _check_writable(path: Path, option: str) -> None:
     """Fail before an hour of measuring, not after."""
     if not path.parent.is_dir():
         raise click.BadParameter(f"{path}: directory {path.parent} does not exist", param_hint=option)
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from .errors import describe, fail
+
 
 @click.command()
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
@@ -49,13 +51,7 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
             if sidecar["plugin"] is None and meta.get("visual_intervention") and meta.get("graph_role") != "frame_encoder":
                 click.echo(f"note: {plan.name}: the intervention ran as the ONNX local function (plugin not picked up)", err=True)
     except Exception as exc:
-        if debug:
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, EngineBuildError):
-            message = f"unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-        click.echo(f"cmdcl-build: error: {message}", err=True)
-        sys.exit(1)
+        fail("cmdcl-build", describe(exc, EngineBuildError), 1, debug, exc, reraise=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .train import clean_errors
+from .errors import clean_errors
 
 
 @click.command(context_settings={"show_default": True})

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from .errors import describe, fail
+
 
 class _Failure(Exception):
     """A one-line error for the user."""
@@ -62,13 +64,7 @@ def main(ckpt, out, opset, precision, split, verify, video, engine, engine_preci
         if triton_repo:
             _write_triton_repo(out or ckpt.with_suffix(".onnx"), triton_repo, engine_format, engine, max_batch)
     except Exception as exc:
-        if debug:
-            raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not isinstance(exc, _known_errors()):
-            message = f"unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-        click.echo(f"cmdcl-export: error: {message}", err=True)
-        sys.exit(1)
+        fail("cmdcl-export", describe(exc, _known_errors()), 1, debug, exc, reraise=True)
 
 
 def _known_errors() -> tuple:

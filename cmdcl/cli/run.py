@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
-import traceback
 
 import click
+
+from .errors import fail
 
 EXIT_INPUT_FAILED = 3
 
@@ -54,7 +55,7 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
         recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
                                 batch=batch, reconnect=Reconnect(tries=reconnect_tries))
     except BackendError as exc:
-        _fail(exc, debug, "model")
+        fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
     records, failed = [], 0
     progress = _progress(len(sources), quiet)
     with RecordWriter(output, fmt) as writer:
@@ -69,7 +70,7 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
                     failed += _report(record, mode, debug, progress)
         except BackendError as exc:  # e.g. stream mode with a model exported without its split graphs
             progress.close()
-            _fail(exc, debug, "model")
+            fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
     progress.close()
     try:
         if plot:
@@ -81,7 +82,7 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
 
             write_overlay(sources[0], records, overlay)
     except Exception as exc:  # noqa: BLE001 - optional outputs: one line, not a traceback
-        _fail(exc, debug, "--plot/--overlay", code=1)
+        fail("cmdcl-run", f"--plot/--overlay: {exc}", 1, debug, exc, label=None)
     sys.exit(EXIT_INPUT_FAILED if failed else 0)
 
 
@@ -101,13 +102,6 @@ def _progress(total: int, quiet: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="input", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
-
-
-def _fail(exc: Exception, debug: bool, what: str, code: int = 2):
-    if debug:
-        traceback.print_exc()
-    click.echo(f"cmdcl-run: {what}: {exc}", err=True)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import sys
 import click
 import numpy as np
 
+from .errors import fail, first_line
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", type=click.Path(dir_okay=False), help="Model file: .onnx (ONNX Runtime, with its split graphs "
@@ -45,14 +47,14 @@ def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_
 
         from ..serve.server import ServeConfig, serve
     except ImportError as exc:
-        _fail(f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
-              "make serve-venv, then .venv-serve/bin/cmdcl-serve", debug, exc)
+        fail("cmdcl-serve", f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
+             "make serve-venv, then .venv-serve/bin/cmdcl-serve", 2, debug, exc, reraise=True)
     if len({http_port, grpc_port, metrics_port}) != 3:
-        _fail("--http-port, --grpc-port and --metrics-port must differ", debug)
+        fail("cmdcl-serve", "--http-port, --grpc-port and --metrics-port must differ", 2, debug)
     try:
         model = load_backend(engine, backend, device)
     except BackendError as exc:
-        _fail(str(exc), debug, exc)
+        fail("cmdcl-serve", str(exc), 2, debug, exc, reraise=True)
     config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                          max_batch=max_batch, queue_delay_us=queue_delay_us, top_k=top_k)
 
@@ -69,18 +71,11 @@ def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # PyTriton's start-up errors (a port in use, a model that fails to load)
-        _fail(f"the server stopped: {_first_line(exc)}", debug, exc)
+        fail("cmdcl-serve", f"the server stopped: {first_line(exc)}", 2, debug, exc, reraise=True)
 
 
 def _stop(signum, frame):
     raise KeyboardInterrupt
-
-
-def _fail(message: str, debug: bool, exc: Exception | None = None, prog: str = "cmdcl-serve"):
-    if debug and exc is not None:
-        raise exc
-    click.echo(f"{prog}: error: {message}", err=True)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
@@ -122,7 +117,7 @@ def classify(videos, url, protocol, debug):
                    for label, score in zip(outputs["top_labels"][0], outputs["top_scores"][0])]
             click.echo(json.dumps({"video": video, "top": top}))
     except Exception as exc:  # connection refused, server errors: one line
-        _fail(f"{url or _default_url(protocol)}: {_first_line(exc)}", debug, exc, "cmdcl-client")
+        fail("cmdcl-client", f"{url or _default_url(protocol)}: {first_line(exc)}", 2, debug, exc, reraise=True)
     sys.exit(3 if failed else 0)
 
 
@@ -153,19 +148,14 @@ def load_test_command(videos, engine, url, protocol, clients, seconds, max_reque
         clips = [read_clip(video, backend.info.num_frames, backend.info.image_size).frames for video in videos]
         expected = list(backend.classify_clips(np.stack(clips)))
     except Exception as exc:  # BackendError, VideoError: their messages name the file
-        _fail(_first_line(exc), debug, exc, "cmdcl-client")
+        fail("cmdcl-client", first_line(exc), 2, debug, exc, reraise=True)
     try:
         report = load_test(url, protocol, clips, expected, clients, seconds, max_requests)
     except Exception as exc:
-        _fail(f"{url}: {_first_line(exc)}", debug, exc, "cmdcl-client")
+        fail("cmdcl-client", f"{url}: {first_line(exc)}", 2, debug, exc, reraise=True)
     click.echo(json.dumps(report.summary()))
     sys.exit(1 if report.errors or report.mismatches or not report.requests else 0)
 
 
 def _default_url(protocol: str) -> str:
     return "127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001"
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .train import clean_errors
+from .errors import clean_errors
 
 
 @click.command(context_settings={"show_default": True})

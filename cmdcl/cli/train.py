@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import sys
 
 import click
 
-ERRORS = (ValueError, OSError, ImportError)  # ManifestError, CheckpointError and VideoError are handled too
-
-
-@contextlib.contextmanager
-def clean_errors(debug: bool):
-    """Turn expected failures (bad input files, missing extras) into one-line
-    click errors with exit status 1; `--debug` lets the traceback through."""
-    from cmdcl.data.video import VideoError
-
-    try:
-        yield
-    except (*ERRORS, VideoError) as exc:
-        if debug:
-            raise
-        raise click.ClickException(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+from .errors import clean_errors
 
 
 @click.command(context_settings={"show_default": True})
