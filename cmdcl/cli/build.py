@@ -43,7 +43,8 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     engine = engine or onnx_path.with_suffix(".plan")
     pairs = split_pairs(onnx_path, engine) if split else [(onnx_path, engine)]
     try:
-        for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr, disable=len(pairs) == 1):
+        for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr,
+                               disable=True if len(pairs) == 1 else None):  # None: no bar off a terminal
             build_engine(part, plan, precision=precision, max_batch=max_batch, timing_cache=timing_cache, opt_batch=opt_batch)
             click.echo(f"wrote {plan}")
             sidecar = json.loads(sidecar_path(plan).read_text())
