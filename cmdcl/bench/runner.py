@@ -40,6 +40,7 @@ from ..data.video import frame_to_rgb, iter_grid_frames, open_video, read_clip
 from ..runtime.backends import Backend, BackendError, OrtBackend, TorchBackend, cache_dir, load_backend
 from ..runtime.recognizer import Recognizer
 from . import floors as floor_counts
+from ..cli.errors import first_line
 from .measure import PeakMemory, load_average, machine_info, measured_peaks, percentiles, time_calls, time_steps
 
 STAGES = ("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip", "end_to_end",
@@ -290,7 +291,7 @@ class Bench:
         except (BackendError, ImportError, RuntimeError) as exc:
             if self.debug:
                 raise
-            self.skip(name, "all", f"could not load: {_one_line(exc)}")
+            self.skip(name, "all", f"could not load: {first_line(exc)}")
             return None
 
     def load_engine(self, path, backend: str) -> Backend:
@@ -416,7 +417,7 @@ class Bench:
         except (BackendError, RuntimeError, ValueError, ImportError) as exc:  # e.g. a GPU variant this stack cannot compile
             if self.debug:
                 raise
-            self.skip(name, stage, f"failed: {_one_line(exc)}", batch)
+            self.skip(name, stage, f"failed: {first_line(exc)}", batch)
 
     def measure_intervention(self, backend: Backend, name: str, batch: int, engine) -> None:
         """The fused op alone on the model's own memories, in the variant's precision and implementation."""
@@ -609,11 +610,6 @@ def _video_label(path: Path) -> str:
 def _engine_label(path, backend: str) -> str:
     suffix = Path(path).suffix.lower()
     return {".onnx": "ort", ".pt": "torch"}.get(suffix, "trt") if backend == "auto" else backend
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _plain(value):
