@@ -24,7 +24,7 @@ any machine.
 # No `from __future__ import annotations`: tensorrt.plugin validates the
 # decorated functions' annotations as real objects, not strings.
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Tuple, Union
 
 if TYPE_CHECKING:
     from .aot import AotKernel
@@ -79,7 +79,10 @@ def register_plugin() -> None:
         return [trtp.AutoTuneCombination(same_type, "LINEAR", [1, 2])]
 
     @trtp.aot_impl(PLUGIN_ID)
-    def causal_intervention_aot(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float, outputs, tactic: int):
+    def causal_intervention_aot(
+        q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float, outputs, tactic: int
+    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]:
+        # tensorrt.plugin refuses an aot_impl without this return annotation.
         import torch
 
         heads, num_text, head_dim = (kt.shape_expr[i] for i in range(3))
