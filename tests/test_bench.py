@@ -14,7 +14,8 @@ from conftest import small_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cmdcl.bench import Bench, BenchSettings, model_flops, model_floors
+from cmdcl.bench.floors import model_flops, model_floors
+from cmdcl.bench.runner import Bench, BenchSettings
 from cmdcl.bench.floors import inference_parameters
 from cmdcl.cli.bench import main
 from cmdcl.data.video import read_clip, write_video
