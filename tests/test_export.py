@@ -12,6 +12,7 @@ import cmdcl
 from cmdcl.export import ExportError, export_onnx
 from cmdcl.export.intervention_node import DOMAIN, OP_TYPE, intervention_function
 from cmdcl.export.metadata import ModelFileError, read_metadata
+from cmdcl.export.precision import convert_precision
 from cmdcl.export.verify import (TOLERANCES, VerificationError, compare, onnx_session, relative_error, run_split,
                                  verify_export)
 from cmdcl.kernels.reference import causal_intervention_reference
@@ -151,9 +152,9 @@ def onnx_session_from_proto(proto):
     return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def test_fp16_export_keeps_layernorm_softmax_and_logit_scale_fp32_and_stays_within_tolerance(exported):
-    model, paths = exported("multi-label-attention-pool-F3", "fp16")
-    proto = onnx.load(paths["model"])
+def assert_reduced_except_fragile_parts(proto: onnx.ModelProto, reduced: int) -> None:
+    """LayerNorm, softmax and the logit scale compute in fp32, the weights are
+    in the `reduced` type, and the graph's inputs and outputs keep their types."""
     inferred = onnx.shape_inference.infer_shapes(proto).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.input, *inferred.value_info, *inferred.output)}
     types.update({t.name: t.data_type for t in inferred.initializer})
@@ -162,8 +163,13 @@ def test_fp16_export_keeps_layernorm_softmax_and_logit_scale_fp32_and_stays_with
     for node in fp32_nodes:
         assert types[node.input[0]] == TensorProto.FLOAT, node.name
     weights = [t for t in proto.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 256]
-    assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
+    assert weights and all(t.data_type == reduced for t in weights)
     assert types["frames"] == TensorProto.UINT8 and types["logits"] == types["embedding"] == TensorProto.FLOAT
+
+
+def test_fp16_export_keeps_layernorm_softmax_and_logit_scale_fp32_and_stays_within_tolerance(exported):
+    model, paths = exported("multi-label-attention-pool-F3", "fp16")
+    assert_reduced_except_fragile_parts(onnx.load(paths["model"]), TensorProto.FLOAT16)
     full = onnx_session(paths["model"])
     split = onnx_session(paths["frame_encoder"]), onnx_session(paths["head"])
     frames = random_frames(3, model.cfg.num_frames, model.cfg.vision.image_size, seed=5).numpy()
@@ -172,6 +178,21 @@ def test_fp16_export_keeps_layernorm_softmax_and_logit_scale_fp32_and_stays_with
         check = compare("fp16", outputs, reference, "fp16")
         assert check.passed, check
         assert check.logits_error > 1e-6  # it really is fp16, not the fp32 graph
+
+
+def test_bf16_conversion_keeps_the_same_parts_fp32_and_rounds_weights_to_nearest(exported):
+    """The in-memory bf16 graph the engine build makes (ONNX Runtime cannot run
+    bf16 graphs; TensorRT's parser builds it in test_trt_parser, the GPU test
+    checks its numbers)."""
+    _, paths = exported("multi-label-attention-pool-F3")
+    fp32 = onnx.load(paths["model"])
+    bf16 = convert_precision(fp32, "bf16")
+    assert_reduced_except_fragile_parts(bf16, TensorProto.BFLOAT16)
+    before = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    for tensor in bf16.graph.initializer:
+        if tensor.data_type == TensorProto.BFLOAT16:
+            expected = torch.from_numpy(before[tensor.name].copy()).to(torch.bfloat16).float().numpy()
+            assert np.array_equal(numpy_helper.to_array(tensor).astype(np.float32), expected), tensor.name
 
 
 @pytest.mark.parametrize("name", ["default", "multi-label-attention-pool-F3"])

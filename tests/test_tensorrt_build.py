@@ -59,6 +59,30 @@ def test_bad_options(onnx_file, options, message):
         build_engine(onnx_file, onnx_file.with_suffix(".plan"), **options)
 
 
+def test_reduced_precision_export_cannot_make_another_precision(monkeypatch, tmp_path):
+    from conftest import small_config
+    from cmdcl.export import export_onnx
+    from cmdcl.model import CMDCL
+
+    fp16 = export_onnx(CMDCL(small_config(), ["a", "b"]).eval(), tmp_path / "m16.onnx", precision="fp16", split=False)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(Builder=object))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in GPU")
+    with pytest.raises(EngineBuildError, match="is a fp16 export: a bf16 engine needs an fp32"):
+        build_engine(fp16["model"], tmp_path / "m.plan", precision="bf16")
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_network_flags_strongly_typed_with_the_aot_plugin():
+    from cmdcl.export.tensorrt_build import _network_flags
+
+    tensorrt_10 = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=1, PREFER_AOT_PYTHON_PLUGINS=3))
+    assert _network_flags(tensorrt_10) == (1 << 1) | (1 << 3)
+    without_the_flag = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(PREFER_AOT_PYTHON_PLUGINS=3))
+    assert _network_flags(without_the_flag) == 1 << 3  # a TensorRT that dropped the (ignored) flag
+
+
 def test_split_pairs_and_sidecar(tmp_path):
     model = tmp_path / "m.onnx"
     for path in (model, tmp_path / "m.frame_encoder.onnx", tmp_path / "m.head.onnx"):
@@ -111,7 +135,7 @@ def run_engine(trt, plan: bytes, inputs: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("fp16", 5e-3)])
+@pytest.mark.parametrize("precision,tolerance", [("fp32", 1e-4), ("fp16", 5e-3), ("bf16", 2e-2)])
 def test_engine_matches_pytorch(tmp_path, precision, tolerance):
     trt = tensorrt_or_skip()
     from cmdcl.export import export_onnx

@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from cmdcl.export import export_onnx
+from cmdcl.export.precision import convert_precision
 from cmdcl.export.trt_parser_check import TensorRTUnavailable, check_in_subprocess
 
 pytestmark = pytest.mark.skipif(
@@ -39,7 +40,9 @@ def graphs(tmp_path_factory):
     out = tmp_path_factory.mktemp("trt")
     fp32 = export_onnx(model, out / "model.onnx")
     fp16 = export_onnx(model, out / "model16.onnx", precision="fp16", split=False)
-    return [fp32["model"], fp32["frame_encoder"], fp32["head"], fp16["model"]]
+    bf16 = out / "model_bf16.onnx"  # what the engine build makes in memory for --precision bf16
+    onnx.save(convert_precision(onnx.load(fp32["model"]), "bf16"), bf16)
+    return [fp32["model"], fp32["frame_encoder"], fp32["head"], fp16["model"], bf16]
 
 
 def test_parser_parses_supports_and_builds_every_graph(graphs):

@@ -16,7 +16,8 @@ from .errors import describe, fail
 @click.option("--engine", type=click.Path(path_type=Path), default=None,
               help="Engine file to write [default: MODEL.plan]; a JSON sidecar ENGINE.json goes next to it.")
 @click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
-              help="Engine precision; LayerNorm and softmax stay fp32.")
+              help="Engine precision; LayerNorm, softmax and the classifier stay fp32. An fp32 ONNX file is converted "
+                   "in memory; an fp16 one builds fp16 only.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Largest batch of the optimisation profile (min 1).")
 @click.option("--opt-batch", default=None, type=click.IntRange(min=1),

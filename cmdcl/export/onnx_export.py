@@ -27,7 +27,7 @@ from torch import nn
 
 from ..model.cmdcl import CMDCL
 from . import metadata
-from .fp16 import convert_to_fp16
+from .precision import convert_precision
 from .intervention_node import DOMAIN, OP_VERSION, intervention_function
 
 # LayerNormalization is one op from opset 17 on, which is what lets fp16
@@ -171,7 +171,7 @@ def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, ops
         del proto.opset_import[:]
         proto.opset_import.extend([onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(DOMAIN, OP_VERSION)])
     if precision == "fp16":
-        proto = convert_to_fp16(proto)
+        proto = convert_precision(proto, precision)
     cfg = model.cfg
     _set_interface(proto, *metadata.graph_interface(role, cfg.num_frames, cfg.vision.image_size, cfg.tokens_per_frame,
                                                      cfg.width, len(model.class_names)))

@@ -3,15 +3,16 @@
 `build_engine` registers the `cmdcl::CausalIntervention` plugin first (so
 TensorRT's parser runs the fused Triton kernel instead of inlining the
 node's ONNX local function), parses the file, adds one optimisation profile
-over the batch axis (min 1 / opt / max), sets the precision, and writes the
-engine plus a JSON sidecar `<engine>.json` with the ONNX metadata and the
-build's TensorRT version, GPU and precision. Engines are specific to the GPU
-model and TensorRT version that built them.
+over the batch axis (min 1 / opt / max), and writes the engine plus a JSON
+sidecar `<engine>.json` with the ONNX metadata and the build's TensorRT
+version, GPU and precision. Engines are specific to the GPU model and
+TensorRT version that built them.
 
-Reduced precision: on TensorRT 10.x (weakly typed networks) fp16/bf16 are
-builder flags, and LayerNorm and softmax layers are pinned to fp32 with
-precision constraints. TensorRT 11 only builds strongly typed networks: the
-precision is the ONNX file's own, so an fp16 engine needs an fp16 export.
+Precision: networks are strongly typed (the only kind TensorRT 11 builds;
+TensorRT 10 is asked for it), so the graph's own types are the engine's.
+An fp16 or bf16 engine is built from an fp32 export converted in memory by
+`precision.convert_precision`, which keeps LayerNorm, softmax and the
+classifier in fp32, or from an export already in that precision.
 """
 
 from __future__ import annotations
@@ -98,6 +99,10 @@ def build_engine(
         metadata = read_metadata(onnx_path)
     except ModelFileError as error:
         raise EngineBuildError(str(error)) from None
+    if metadata["precision"] not in ("fp32", precision):
+        raise EngineBuildError(
+            f"{onnx_path} is a {metadata['precision']} export: a {precision} engine needs an fp32 (or {precision}) export"
+        )
     from ..kernels.tensorrt_plugin import PLUGIN_ID, register_plugin
 
     try:
@@ -107,25 +112,23 @@ def build_engine(
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    weakly_typed = hasattr(trt.BuilderFlag, "FP16")
-    if not weakly_typed and precision != metadata["precision"]:
-        raise EngineBuildError(
-            f"TensorRT {trt.__version__} builds strongly typed networks only: the engine takes the ONNX file's "
-            f"precision ({metadata['precision']}); export with --precision {precision} for a {precision} engine"
-        )
-    # Both an AOT and a JIT implementation exist: ask for the AOT one, so the
-    # engine carries the compiled kernel and runs without Python.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.PREFER_AOT_PYTHON_PLUGINS))
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if precision == metadata["precision"]:
+        parsed = parser.parse_from_file(str(onnx_path))
+    else:
+        import onnx
+
+        from .precision import convert_precision
+
+        converted = convert_precision(onnx.load(str(onnx_path)), precision)
+        parsed = parser.parse(converted.SerializeToString(), str(onnx_path))
+    if not parsed:
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise EngineBuildError(f"{onnx_path}: TensorRT could not parse it: {errors}")
 
     config = builder.create_builder_config()
     config.add_optimization_profile(_batch_profile(builder, network, onnx_path, opt_batch, max_batch))
-    if weakly_typed and precision != "fp32":
-        config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
-        _pin_fp32(trt, network, config)
     _load_timing_cache(config, timing_cache)
 
     started = time.perf_counter()
@@ -158,6 +161,15 @@ def build_engines(onnx_path, engine_path, **options) -> list[Path]:
     return [build_engine(part, plan, **options) for part, plan in split_pairs(onnx_path, engine_path)]
 
 
+def _network_flags(trt) -> int:
+    """Strongly typed (TensorRT 11 ignores the flag: it is always so) and,
+    since the plugin has both an AOT and a JIT implementation, the AOT one:
+    the engine then carries the compiled kernel and runs without Python."""
+    flags = trt.NetworkDefinitionCreationFlag
+    wanted = [getattr(flags, "STRONGLY_TYPED", None), flags.PREFER_AOT_PYTHON_PLUGINS]
+    return sum(1 << int(flag) for flag in wanted if flag is not None)
+
+
 def _batch_profile(builder, network, onnx_path: Path, opt_batch: int, max_batch: int):
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -167,17 +179,6 @@ def _batch_profile(builder, network, onnx_path: Path, opt_batch: int, max_batch:
             raise EngineBuildError(f"{onnx_path}: input {tensor.name} {shape} is dynamic beyond dimension 0")
         profile.set_shape(tensor.name, [1, *shape[1:]], [opt_batch, *shape[1:]], [max_batch, *shape[1:]])
     return profile
-
-
-def _pin_fp32(trt, network, config) -> None:
-    """Keep LayerNorm and softmax (and their outputs) in fp32 under fp16/bf16."""
-    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
 
 
 def _load_timing_cache(config, timing_cache) -> None:

@@ -1,13 +1,17 @@
-"""fp32 -> fp16 conversion of an exported graph, with the fragile parts kept fp32.
+"""fp32 -> fp16 or bf16 conversion of an exported graph, with the fragile parts kept fp32.
 
 ViT/CLIP models collapse in fp16 when LayerNorm statistics, softmax or the
 (large) logit scale are computed in half precision, so those stay fp32:
 every LayerNormalization and Softmax node, and the cosine classifier (every
 node downstream of the `embedding` output: logit scale, dot product with T',
-bias). Everything else that computes in float runs in fp16; Cast nodes are
-inserted where the two regions meet. Graph inputs and outputs keep their
+bias). Everything else that computes in float runs in the reduced type; Cast
+nodes are inserted where the two regions meet. Graph inputs and outputs keep their
 types (uint8 frames in, fp32 out), so callers need not care. The
 CausalIntervention function is type-generic and keeps its softmaxes fp32.
+
+`cmdcl-export --precision fp16` writes fp16 files (ONNX Runtime runs them);
+bf16 graphs are made in memory by the TensorRT engine build, whose networks
+are strongly typed (the graph's types are the engine's precision).
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 FP32_OPS = ("LayerNormalization", "Softmax")
 FP32_FROM_TENSOR = "embedding"  # the classifier consumes it
-FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16)
+REDUCED_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+FLOATS = (TensorProto.FLOAT, *REDUCED_TYPES.values())
 
 
-def convert_to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+def convert_precision(proto: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """A copy of the fp32 graph `proto` computing in `precision` (fp16 or bf16)."""
+    reduced = REDUCED_TYPES[precision]
     inferred = onnx.shape_inference.infer_shapes(proto)
     graph = inferred.graph
     dtype = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
@@ -38,8 +45,8 @@ def convert_to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     initializers = []
     for tensor in graph.initializer:
         if tensor.data_type == TensorProto.FLOAT and not only_fp32_consumers(tensor.name):
-            tensor = _half(tensor)
-            dtype[tensor.name] = TensorProto.FLOAT16
+            tensor = _reduce(tensor, reduced)
+            dtype[tensor.name] = reduced
         initializers.append(tensor)
 
     graph_outputs = {v.name for v in graph.output}
@@ -57,14 +64,14 @@ def convert_to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
         return casts[(name, target)]
 
     for node in graph.node:
-        compute = TensorProto.FLOAT if id(node) in fp32_nodes else TensorProto.FLOAT16
+        compute = TensorProto.FLOAT if id(node) in fp32_nodes else reduced
         if node.op_type == "Cast":
-            if compute == TensorProto.FLOAT16 and _attr(node, "to") == TensorProto.FLOAT:
-                _set_attr(node, "to", TensorProto.FLOAT16)
-        elif node.op_type == "Constant" and compute == TensorProto.FLOAT16:
+            if compute == reduced and _attr(node, "to") == TensorProto.FLOAT:
+                _set_attr(node, "to", reduced)
+        elif node.op_type == "Constant" and compute == reduced:
             value = _attr(node, "value")
             if value is not None and value.data_type == TensorProto.FLOAT and not only_fp32_consumers(node.output[0]):
-                _set_attr(node, "value", _half(value))
+                _set_attr(node, "value", _reduce(value, reduced))
         else:
             node.input[:] = [as_dtype(name, compute) for name in node.input]
         nodes.append(node)
@@ -74,7 +81,7 @@ def convert_to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
             produced = _produced_dtype(node, compute)
             if name in graph_outputs and produced != TensorProto.FLOAT:
                 # Keep the graph's fp32 interface: compute under another name, cast to the output.
-                node.output[i] = f"{name}_fp16"
+                node.output[i] = f"{name}_{precision}"
                 nodes.append(helper.make_node("Cast", [node.output[i]], [name], to=TensorProto.FLOAT, name=f"{name}_to_fp32"))
                 dtype[node.output[i]] = produced
                 casts[(name, produced)] = node.output[i]
@@ -121,9 +128,16 @@ def _produced_dtype(node: onnx.NodeProto, compute: int) -> int:
     return compute
 
 
-def _half(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    array = numpy_helper.to_array(tensor)
-    return numpy_helper.from_array(np.clip(array, -65504, 65504).astype(np.float16), tensor.name)
+def _reduce(tensor: onnx.TensorProto, reduced: int) -> onnx.TensorProto:
+    """An fp32 initializer in fp16 (clipped to its range) or bf16 (rounded to nearest even)."""
+    array = numpy_helper.to_array(tensor).astype(np.float32)
+    if reduced == TensorProto.FLOAT16:
+        return numpy_helper.from_array(np.clip(array, -65504, 65504).astype(np.float16), tensor.name)
+    bits = array.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    out = onnx.TensorProto(name=tensor.name, data_type=TensorProto.BFLOAT16, dims=array.shape)
+    out.raw_data = rounded.tobytes()
+    return out
 
 
 def _attr(node: onnx.NodeProto, name: str):
