@@ -137,15 +137,20 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
-def _cpu_model() -> str:
+def _proc_value(path: str, key: str) -> str | None:
+    """The value of the first `key: value` line of a /proc file, if any."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def _memory_gb() -> float | None:
@@ -163,14 +168,8 @@ def load_average() -> list | None:
 
 
 def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    value = _proc_value("/proc/self/status", "VmRSS:")  # "123456 kB"
+    return int(value.split()[0]) / 1024 if value else float("nan")
 
 
 def _version(name: str) -> str | None:

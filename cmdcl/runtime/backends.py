@@ -78,6 +78,11 @@ class Backend:
         """Run one graph on numpy inputs; returns its outputs by name as numpy arrays."""
         raise NotImplementedError
 
+    def part_path(self, part: str) -> Path:
+        """The file of one graph: the model itself, or `<stem>.frame_encoder<suffix>` /
+        `<stem>.head<suffix>` next to it (as cmdcl-export and cmdcl-build name them)."""
+        return self.path if part == "model" else self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
+
     def io(self, part: str) -> tuple[dict, dict]:
         """(inputs, outputs) of a graph: name -> (dtype, shape), None for a dynamic axis."""
         i = self.info
@@ -180,9 +185,6 @@ class OrtBackend(Backend):
         self.providers = wanted
         self.sessions: dict = {}
 
-    def part_path(self, part: str) -> Path:
-        return self.path if part == "model" else self.path.with_name(f"{self.path.stem}.{part}.onnx")
-
     def session(self, part: str):
         if part not in self.sessions:
             import onnxruntime as ort
@@ -236,9 +238,6 @@ class TensorRTBackend(Backend):
         self.trt, self.torch = trt, torch
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines: dict = {}
-
-    def part_path(self, part: str) -> Path:
-        return self.path if part == "model" else self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
 
     def engine(self, part: str):
         if part not in self.engines:
