@@ -2,21 +2,25 @@
 
 `build_metadata` writes everything the runtime needs into `metadata_props`
 (string key -> string value; lists and dicts as JSON). `read_metadata` is the
-loader the runtime uses: it parses those values and checks that the graph is
-the one they describe (inputs, outputs, the CausalIntervention node and its
-local function, no dangling tensors), raising ModelFileError("<path>: ...")
-for a file that is missing, not ONNX, tampered with or from another tool.
+loader the runtime uses: it parses those values, bounds them (the config's
+LIMITS, class names, sampling) and checks that the graph is the one they
+describe (inputs, outputs, the CausalIntervention node and its local function,
+no dangling tensors), raising ModelFileError("<path>: ...") for a file that is
+missing, not ONNX, tampered with or from another tool. `check_metadata` does
+the same for the copy in a TensorRT engine's sidecar, and `check_same_export`
+that a split graph belongs with the model next to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import onnx
 
 from .. import __version__
-from ..model.config import CMDCLConfig
+from ..model.config import CMDCLConfig, class_name_problem, sampling_problem
 from .intervention_node import DOMAIN, OP_TYPE, OP_VERSION
 
 FORMAT = "cmdcl-onnx"
@@ -30,6 +34,10 @@ _JSON_KEYS = ("classes", "mean", "std", "sampling", "config")
 _STR_KEYS = ("format", "graph_role", "precision", "tokens_dtype", "normalization", "input_format", "resize",
              "config_hash", "toolkit_version")
 REQUIRED_KEYS = _INT_KEYS + _BOOL_KEYS + _JSON_KEYS + _STR_KEYS
+OPTIONAL_KEYS = ("weights_hash",)  # strings; absent from exports of toolkit versions before it
+# What the three graphs of one export share: a split graph that differs in any is left from another export.
+SAME_EXPORT_KEYS = ("config_hash", "weights_hash", "classes", "num_frames", "image_size", "tokens_per_frame", "width",
+                    "multi_label", "visual_intervention", "precision")
 
 
 class ModelFileError(ValueError):
@@ -72,9 +80,23 @@ def build_metadata(model, role: str, precision: str, opset: int) -> dict[str, st
         "opset": opset,
         "config": cfg.to_dict(),
         "config_hash": cfg.config_hash(),
+        "weights_hash": weights_hash(model),
         "toolkit_version": __version__,
     }
     return {k: _encode(k, v) for k, v in values.items()}
+
+
+def weights_hash(model) -> str:
+    """A short hash of the model's weights and dictionaries: models with one config but other
+    weights (retrained) have the same config_hash, not the same weights_hash."""
+    import torch  # export time only: the runtime reads metadata without torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {list(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _encode(key: str, value) -> str:
@@ -94,18 +116,49 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     proto = _load(path)
     props = {p.key: p.value for p in proto.metadata_props}
-    if props.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a CMDCL model file (metadata 'format' is {props.get('format')!r}, "
-                             f"expected {FORMAT!r}); export it with cmdcl-export")
-    missing = [k for k in REQUIRED_KEYS if k not in props]
-    if missing:
-        raise ModelFileError(f"{path}: metadata is missing: {', '.join(missing)}")
+    _check_keys(path, props)
     meta = {"path": path}
     for key in REQUIRED_KEYS:
         meta[key] = _decode(path, key, props[key])
+    meta.update({key: props[key] for key in OPTIONAL_KEYS if key in props})
     _check_values(path, meta)
     _check_graph(path, proto, meta)
     return meta
+
+
+def check_metadata(source: str | Path, meta) -> dict:
+    """Validate already typed metadata (the copy of read_metadata's result in a TensorRT engine's
+    sidecar) as read_metadata does, less the graph; `source` names the file in errors."""
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{source}: metadata is not an object")
+    _check_keys(source, meta)
+    types = {**dict.fromkeys(_INT_KEYS, int), **dict.fromkeys(_BOOL_KEYS, bool), **dict.fromkeys(_STR_KEYS + OPTIONAL_KEYS, str)}
+    for key, kind in types.items():
+        if key in meta and type(meta[key]) is not kind:
+            wanted = {int: "an integer", bool: "true or false", str: "a string"}[kind]
+            raise ModelFileError(f"{source}: metadata {key!r} must be {wanted}, not {meta[key]!r:.40}")
+    _check_values(source, meta)
+    return meta
+
+
+def check_same_export(model_path: str | Path, model_meta: dict, part_path: str | Path, part_meta: dict, role: str) -> None:
+    """A split graph (`role`: frame_encoder or head) must come from the same export as the model
+    it sits next to, or stream mode would silently run another model than video mode."""
+    if part_meta["graph_role"] != role:
+        raise ModelFileError(f"{part_path}: is a {part_meta['graph_role']} graph, not the {role} graph of {model_path}")
+    for key in SAME_EXPORT_KEYS:
+        if part_meta.get(key) != model_meta.get(key):
+            raise ModelFileError(f"{part_path}: its {key} differs from that of {model_path}: a split graph left from another "
+                                 f"export; export (and build) the model again with its split graphs")
+
+
+def _check_keys(source, props: dict) -> None:
+    if props.get("format") != FORMAT:
+        raise ModelFileError(f"{source}: not a CMDCL model file (metadata 'format' is {props.get('format')!r:.40}, "
+                             f"expected {FORMAT!r}); export it with cmdcl-export")
+    missing = [k for k in REQUIRED_KEYS if k not in props]
+    if missing:
+        raise ModelFileError(f"{source}: metadata is missing: {', '.join(missing)}")
 
 
 def _load(path: Path) -> onnx.ModelProto:
@@ -132,35 +185,41 @@ def _decode(path: Path, key: str, text: str):
             return json.loads(text)
         return text
     except ValueError as exc:
-        raise ModelFileError(f"{path}: metadata {key!r} is malformed ({exc})") from None
+        raise ModelFileError(f"{path}: metadata {key!r} is malformed ({str(exc):.100})") from None
+    except RecursionError:
+        raise ModelFileError(f"{path}: metadata {key!r} is malformed (nested too deeply)") from None
 
 
 def _check_values(path: Path, meta: dict) -> None:
+    """Every value in range (the config's LIMITS, class names, sampling) and consistent with the config."""
     def bad(problem):
         raise ModelFileError(f"{path}: metadata {problem}")
 
     if meta["format_version"] != FORMAT_VERSION:
         bad(f"format_version {meta['format_version']} is not supported (this toolkit reads {FORMAT_VERSION})")
     if meta["graph_role"] not in ("full", "frame_encoder", "head"):
-        bad(f"graph_role {meta['graph_role']!r} is not full, frame_encoder or head")
-    classes = meta["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        bad("'classes' must be a non-empty list of strings")
+        bad(f"graph_role {meta['graph_role']!r:.40} is not full, frame_encoder or head")
+    problem = class_name_problem(meta["classes"])
+    if problem:
+        bad(problem)
     for key in ("mean", "std"):
         if not (isinstance(meta[key], list) and len(meta[key]) == 3 and all(isinstance(v, (int, float)) for v in meta[key])):
             bad(f"{key!r} must be three numbers")
     if meta["normalization"] != NORMALIZATION:
-        bad(f"normalization {meta['normalization']!r} is not {NORMALIZATION!r}")
+        bad(f"normalization {meta['normalization']!r:.40} is not {NORMALIZATION!r}")
     if meta["precision"] not in ("fp32", "fp16"):
-        bad(f"precision {meta['precision']!r} is not fp32 or fp16")
-    if not isinstance(meta["sampling"], dict) or "num_frames" not in meta["sampling"]:
-        bad("'sampling' must be an object with num_frames")
+        bad(f"precision {meta['precision']!r:.40} is not fp32 or fp16")
     try:
         cfg = CMDCLConfig.from_dict(meta["config"])
     except (ValueError, TypeError) as exc:
-        bad(f"'config' does not describe a CMDCL model ({exc})")
+        bad(f"'config' does not describe a CMDCL model ({str(exc):.200})")
+    if not isinstance(meta["sampling"], dict) or "num_frames" not in meta["sampling"]:
+        bad("'sampling' must be an object with num_frames")
+    problem = sampling_problem(meta["sampling"], cfg.num_frames)
+    if problem:
+        bad(problem)
     if cfg.config_hash() != meta["config_hash"]:
-        bad(f"config_hash {meta['config_hash']} does not match the recorded config ({cfg.config_hash()})")
+        bad(f"config_hash {meta['config_hash']:.40} does not match the recorded config ({cfg.config_hash()})")
     for key, expected in (("num_frames", cfg.num_frames), ("image_size", cfg.vision.image_size),
                           ("tokens_per_frame", cfg.tokens_per_frame), ("width", cfg.width),
                           ("multi_label", cfg.multi_label), ("visual_intervention", cfg.visual_intervention)):

@@ -17,6 +17,22 @@ from dataclasses import dataclass, field
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The allowed range of every number a config holds, by field name (vision, text and the top level share
+# width/heads/...). A checkpoint or an export is checked against it before a model, a clip or a token buffer is
+# sized from it. Generous for real towers: ViT-L/14@336, ViT-bigG (width 1664, 48 layers), 64-frame clips.
+LIMITS = {
+    "image_size": (1, 1024), "patch_size": (1, 1024), "width": (1, 8192), "layers": (1, 64), "heads": (1, 256),
+    "output_dim": (1, 8192), "context_length": (1, 4096), "vocab_size": (1, 1_000_000), "num_frames": (1, 4096),
+    "token_grid": (0, 64), "depth": (0, 64), "mlp_ratio": (0.25, 16.0), "num_bias": (1, 65536),
+    "num_confounders": (1, 65536), "logit_scale_init": (1e-3, 1e3),
+}
+MAX_GRID = 64  # patches per side of a frame (1024 px / 16): the vision tower attends over grid^2 + 1 tokens
+MAX_BUFFER_BYTES = 2**30  # one clip's frames (F x size x size x 3 bytes), and its tokens (F x S x D x 4 bytes)
+MAX_CLASSES, MAX_CLASS_NAME = 100_000, 1000  # class names: how many, and characters in one
+# Stream-mode sampling (a checkpoint's extra["sampling"], an export's metadata): field -> (min, max).
+SAMPLING_LIMITS = {"stream_fps": (1e-3, 1000.0), "window_seconds": (0.01, 86400.0), "stride_frames": (1, 4096)}
+MAX_GRID_RATE = 1000.0  # grid frames per second (num_frames / window_seconds)
+
 
 @dataclass
 class VisionConfig:
@@ -75,7 +91,7 @@ class CMDCLConfig:
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
-        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.mean, self.std = (tuple(v) if isinstance(v, (list, tuple)) else v for v in (self.mean, self.std))
         self.validate()
 
     @property
@@ -88,25 +104,38 @@ class CMDCLConfig:
         return self.vision.output_dim
 
     def validate(self) -> None:
+        """Types, ranges (LIMITS) and shapes, so that nothing is sized from an absurd or malformed config."""
+        problems = _field_problems(self.vision, "vision.") + _field_problems(self.text, "text.") + _field_problems(self)
+        if not problems:
+            problems = self._shape_problems()
+        if problems:
+            raise ValueError("invalid CMDCL config: " + "; ".join(problems))
+
+    def _shape_problems(self) -> list[str]:
         problems = []
-        if self.width % self.heads:
-            problems.append(f"width {self.width} is not divisible by heads {self.heads}")
+        for prefix, tower in (("", self), ("vision.", self.vision), ("text.", self.text)):
+            if tower.width % tower.heads:
+                problems.append(f"{prefix}width {tower.width} is not divisible by {prefix}heads {tower.heads}")
         grid = self.vision.grid
         if self.vision.image_size % self.vision.patch_size:
             problems.append("vision.image_size must be a multiple of vision.patch_size")
-        if self.token_grid < 0 or (self.token_grid and grid % self.token_grid):
+        elif grid > MAX_GRID:
+            problems.append(f"vision.image_size / vision.patch_size is {grid}, at most {MAX_GRID} patches a side")
+        if self.token_grid and grid % self.token_grid:
             problems.append(f"token_grid {self.token_grid} must divide the patch grid {grid}")
         if self.pooling not in ("mean", "attention"):
             problems.append(f"pooling must be 'mean' or 'attention', not {self.pooling!r}")
-        for name in ("num_frames", "num_bias", "num_confounders"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        if self.depth < 0:
-            problems.append("depth must be >= 0")
-        if len(self.mean) != 3 or len(self.std) != 3:
-            problems.append("mean and std need three values (RGB)")
-        if problems:
-            raise ValueError("invalid CMDCL config: " + "; ".join(problems))
+        for prefix, tower in (("vision.", self.vision), ("text.", self.text)):
+            if tower.activation not in ("quick_gelu", "gelu"):
+                problems.append(f"{prefix}activation must be 'quick_gelu' or 'gelu', not {tower.activation!r}")
+        if not _numbers(self.mean, 0.0, 1.0) or not _numbers(self.std, 1e-3, 1.0):
+            problems.append("mean needs three numbers in [0, 1] and std three in [0.001, 1] (RGB)")
+        frames = self.num_frames * self.vision.image_size**2 * 3
+        tokens = self.num_frames * self.tokens_per_frame * self.width * 4
+        if max(frames, tokens) > MAX_BUFFER_BYTES:
+            problems.append(f"one clip takes {max(frames, tokens) / 2**30:.1f} GiB (num_frames x image_size^2 x 3 "
+                            f"bytes of frames, x tokens x width x 4 bytes of tokens), at most {MAX_BUFFER_BYTES / 2**30:g} GiB")
+        return problems
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -115,16 +144,92 @@ class CMDCLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CMDCLConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CMDCL config fields: {', '.join(unknown)}")
-        return cls(**d)
+        """The config a plain dict describes (a checkpoint's, an export's); ValueError for anything else."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a CMDCL config is an object, not {type(d).__name__}")
+        d = dict(d)
+        for name, tower in (("vision", VisionConfig), ("text", TextConfig)):
+            if name in d and not isinstance(d[name], (dict, tower)):
+                raise ValueError(f"CMDCL config field {name!r} must be an object")
+            if isinstance(d.get(name), dict):
+                d[name] = _known_fields(tower, d[name], f"{name}.")
+        return cls(**_known_fields(cls, d, ""))
 
     def config_hash(self) -> str:
         """A short stable hash of the config, recorded in exported artifacts."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _known_fields(cls, d: dict, prefix: str) -> dict:
+    """`d` when it names only fields of `cls`; missing ones take their defaults (and are validated like the rest),
+    so checkpoints written before a field was added still load."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(map(str, set(d) - names))
+    if unknown:
+        raise ValueError(f"unknown CMDCL config fields: {', '.join(prefix + k for k in unknown)}"[:200])
+    return d
+
+
+def _field_problems(config, prefix: str = "") -> list[str]:
+    """Each field of one config dataclass against its default's type and its LIMITS range."""
+    problems = []
+    for f in dataclasses.fields(config):
+        value, default, name = getattr(config, f.name), f.default, prefix + f.name
+        if isinstance(default, bool) or isinstance(default, str):
+            if type(value) is not type(default):
+                problems.append(f"{name} must be a {type(default).__name__}, not {value!r:.40}")
+        elif isinstance(default, (int, float)) and f.name in LIMITS:
+            low, high = LIMITS[f.name]
+            number = int if isinstance(default, int) else (int, float)
+            if not isinstance(value, number) or isinstance(value, bool):
+                problems.append(f"{name} must be {'an integer' if number is int else 'a number'}, not {value!r:.40}")
+            elif not low <= value <= high:  # NaN fails this too
+                problems.append(f"{name} {value!r:.40} is out of range [{low:g}, {high:g}]")
+    return problems
+
+
+def _numbers(values, low: float, high: float, count: int = 3) -> bool:
+    return (isinstance(values, (tuple, list)) and len(values) == count
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= high for v in values))
+
+
+def class_name_problem(names) -> str | None:
+    """Why `names` cannot be a model's class list (None when it can): a non-empty list of
+    distinct, non-empty strings, bounded in number and length."""
+    if not isinstance(names, list) or not names:
+        return "class names must be a non-empty list"
+    if len(names) > MAX_CLASSES:
+        return f"{len(names)} class names, at most {MAX_CLASSES}"
+    for name in names:
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_CLASS_NAME:
+            return f"class name {name!r:.60} is not a non-blank string of at most {MAX_CLASS_NAME} characters"
+    seen = set()
+    for name in names:
+        if name in seen:
+            return f"class name {name!r:.60} appears more than once"
+        seen.add(name)
+    return None
+
+
+def sampling_problem(sampling, num_frames: int) -> str | None:
+    """Why `sampling` (stream-mode settings: stream_fps, window_seconds, stride_frames, num_frames)
+    cannot be used for a model of `num_frames` frames (None when it can); fields may be absent."""
+    if not isinstance(sampling, dict):
+        return "sampling must be an object"
+    if "num_frames" in sampling and (type(sampling["num_frames"]) is not int or sampling["num_frames"] != num_frames):
+        return f"sampling num_frames {sampling['num_frames']!r:.40} is not the model's {num_frames}"
+    for key, (low, high) in SAMPLING_LIMITS.items():
+        if key not in sampling:
+            continue
+        value = sampling[key]
+        number = int if isinstance(low, int) else (int, float)
+        if not isinstance(value, number) or isinstance(value, bool) or not low <= value <= high:
+            return f"sampling {key} {value!r:.40} is not {'an integer' if number is int else 'a number'} in [{low:g}, {high:g}]"
+    if "window_seconds" in sampling and num_frames / sampling["window_seconds"] > MAX_GRID_RATE:
+        return (f"sampling takes {num_frames} frames in {sampling['window_seconds']:g} s, more than {MAX_GRID_RATE:g} frames "
+                f"per second")
+    return None
 
 
 def tiny_config(**overrides) -> CMDCLConfig:

@@ -13,7 +13,9 @@ CPU, CUDA or TensorRT execution provider; the split graphs sit next to it as
 `<stem>.frame_encoder.onnx` / `<stem>.head.onnx`) and TensorRT (`.plan` with
 its `.plan.json` sidecar and split `<stem>.frame_encoder.plan` /
 `<stem>.head.plan`). torch-free imports: onnxruntime and tensorrt are
-imported only when such a backend is loaded.
+imported only when such a backend is loaded. Every model file's metadata is
+validated (and bounded) before use, and a split graph must come from the same
+export as the model next to it (`check_same_export`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ class ModelInfo:
         return stride_frames * self.window_seconds / self.num_frames
 
 
+def part_path(model, part: str) -> Path:
+    """The file of one graph: the model itself, or `<stem>.frame_encoder<suffix>` /
+    `<stem>.head<suffix>` next to it (as cmdcl-export and cmdcl-build name them)."""
+    model = Path(model)
+    return model if part == "model" else model.with_name(f"{model.stem}.{part}{model.suffix}")
+
+
 class Backend:
     """A loaded model. Subclasses implement `load` and `infer`."""
 
@@ -79,9 +88,7 @@ class Backend:
         raise NotImplementedError
 
     def part_path(self, part: str) -> Path:
-        """The file of one graph: the model itself, or `<stem>.frame_encoder<suffix>` /
-        `<stem>.head<suffix>` next to it (as cmdcl-export and cmdcl-build name them)."""
-        return self.path if part == "model" else self.path.with_name(f"{self.path.stem}.{part}{self.path.suffix}")
+        return part_path(self.path, part)
 
     def io(self, part: str) -> tuple[dict, dict]:
         """(inputs, outputs) of a graph: name -> (dtype, shape), None for a dynamic axis."""
@@ -189,9 +196,16 @@ class OrtBackend(Backend):
         if part not in self.sessions:
             import onnxruntime as ort
 
+            from ..export.metadata import ModelFileError, check_same_export, read_metadata
+
             path = self.part_path(part)
             if not path.exists():
                 raise BackendError(f"{path}: no such file (stream mode needs the split graphs; export with split=True)")
+            if part != "model":
+                try:
+                    check_same_export(self.path, self.meta, path, read_metadata(path), part)
+                except ModelFileError as exc:
+                    raise BackendError(str(exc)) from None
             options = ort.SessionOptions()
             options.log_severity_level = 3
             if self.threads:
@@ -213,7 +227,7 @@ class TensorRTBackend(Backend):
     name = "trt"
 
     def load(self) -> None:
-        from ..export.tensorrt_build import EngineBuildError, import_tensorrt, sidecar_path
+        from ..export.tensorrt_build import EngineBuildError, import_tensorrt
 
         try:
             trt = import_tensorrt()
@@ -223,12 +237,8 @@ class TensorRTBackend(Backend):
 
         if not torch.cuda.is_available():
             raise BackendError(f"{self.path}: the TensorRT backend needs an NVIDIA GPU; none is visible to PyTorch")
-        sidecar = sidecar_path(self.path)
-        try:
-            self.meta = json.loads(sidecar.read_text())["metadata"]
-            self.info = ModelInfo.from_metadata(self.meta)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise BackendError(f"{sidecar}: cannot read the engine's metadata sidecar ({exc})") from None
+        self.meta = self.sidecar_metadata(self.path)
+        self.info = ModelInfo.from_metadata(self.meta)
         from ..kernels.tensorrt_plugin import register_plugin
 
         try:
@@ -239,11 +249,32 @@ class TensorRTBackend(Backend):
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines: dict = {}
 
+    @staticmethod
+    def sidecar_metadata(engine_path: Path) -> dict:
+        """The validated metadata in an engine's `.plan.json` sidecar (cmdcl-build copies the ONNX file's)."""
+        from ..export.metadata import ModelFileError, check_metadata
+        from ..export.tensorrt_build import sidecar_path
+
+        sidecar = sidecar_path(engine_path)
+        try:
+            return check_metadata(sidecar, json.loads(sidecar.read_text())["metadata"])
+        except ModelFileError as exc:
+            raise BackendError(str(exc)) from None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise BackendError(f"{sidecar}: cannot read the engine's metadata sidecar ({str(exc) or type(exc).__name__:.100})") from None
+
     def engine(self, part: str):
         if part not in self.engines:
+            from ..export.metadata import ModelFileError, check_same_export
+
             path = self.part_path(part)
             if not path.exists():
                 raise BackendError(f"{path}: no such file (stream mode needs the split engines; cmdcl-build makes them)")
+            if part != "model":
+                try:
+                    check_same_export(self.path, self.meta, path, self.sidecar_metadata(path), part)
+                except ModelFileError as exc:
+                    raise BackendError(str(exc)) from None
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"{path}: TensorRT could not deserialise the engine (built by another TensorRT version or GPU?)")
