@@ -7,21 +7,28 @@ Training, the runtime and the benchmarks all read video through this module:
   uint8 RGB. A packet scan (demuxing, no decoding) gives every frame's pts and
   the keyframes; from those the reader counts how many frames keyframe-aware
   seeking would decode and how many one sequential pass would, and takes the
-  cheaper. Only the sampled frames are converted to RGB.
+  cheaper. Only the sampled frames are converted to RGB. A source of more
+  than MAX_SCAN_FRAMES frames (or a network stream that never ends) is refused.
 - `iter_grid_frames(source, rate, size)`: (time, frame) on a fixed time grid
   from a file or a live source (rtsp://, http://, /dev/video*), for the
-  streaming runtime; live sources reconnect with exponential back-off.
+  streaming runtime; live sources reconnect with exponential back-off. A
+  finite source (a file, an http(s) URL) is never replayed: reopened after a
+  drop, it skips the frames already read. A jump in time longer than
+  `max_gap(rate)` is not filled with copies: the grid restarts after it.
 
 Times are seconds from the first frame's pts (never from a frame index or the
 nominal rate, so variable frame rate is safe), and the display-matrix
-rotation is applied. Every way a file can be unreadable raises VideoError
-"<path>: <reason>".
+rotation is applied. Every network open and read has a timeout. Every way a
+file can be unreadable raises VideoError "<path>: <reason>"; container
+metadata that does not parse is ignored.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +36,11 @@ from pathlib import Path
 
 import av
 import numpy as np
+
+DEFAULT_TIMEOUT = 10.0  # seconds a network source may take to open, or to deliver the next packet
+GAP_GRID_STEPS, GAP_SECONDS = 3, 2.0  # a jump in time longer than both is a gap (see max_gap)
+RESIZE_ASPECT_LIMIT = 4  # frames longer than this times their width (or the reverse) are cropped before resizing
+MAX_SCAN_FRAMES = 2_000_000  # video mode's packet scan holds every frame's pts: 9 h at 60 fps, and a stream that never ends stops here
 
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://", "/dev/video")
 
@@ -52,11 +64,14 @@ class Clip:
 
 @dataclass
 class Reconnect:
-    """Back-off for live sources: `tries` consecutive failures end the stream."""
+    """Back-off for live sources. A reconnect without progress (no new frame
+    since the one before) is a failure; more than `tries` failures within
+    `span` seconds end the stream, however much progress came in between."""
 
     tries: int = 5
     initial_delay: float = 0.5
     max_delay: float = 8.0
+    span: float = 300.0
 
     def delay(self, failure: int) -> float:
         return min(self.initial_delay * 2 ** (failure - 1), self.max_delay)
@@ -88,8 +103,9 @@ def segment_times(duration: float, num_frames: int, offsets: str = "center", rng
 
 
 # ---- opening and checking ---------------------------------------------------------------
-def open_video(source, timeout: float | None = None):
-    """Open `source` and return (container, its first video stream); VideoError otherwise."""
+def open_video(source, timeout: float | None = DEFAULT_TIMEOUT):
+    """Open `source` and return (container, its first video stream); VideoError otherwise.
+    A network source gets `timeout` seconds to open and to deliver each packet."""
     source = str(source)
     if not is_live(source):
         path = Path(source)
@@ -97,11 +113,13 @@ def open_video(source, timeout: float | None = None):
             raise VideoError(source, "no such file")
         if path.is_dir():
             raise VideoError(source, "is a directory, not a video")
+        if not path.is_file():  # a FIFO or a device would block the open with no timeout
+            raise VideoError(source, "not a regular file")
         if path.stat().st_size == 0:
             raise VideoError(source, "empty file")
     options = {"format": "v4l2"} if source.startswith("/dev/video") else {}
     try:
-        container = av.open(source, timeout=timeout, **options)
+        container = av.open(source, timeout=timeout if is_live(source) else None, **options)
     except av.error.FileNotFoundError:
         raise VideoError(source, "no such file or device") from None
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
@@ -134,6 +152,8 @@ def _container_signature(path) -> str | None:
 
 
 def _first_line(exc: Exception) -> str:
+    if isinstance(exc, av.error.ExitError):  # FFmpeg stopped by PyAV's timeout callback, the only interrupt we set
+        return "timed out waiting for data"
     text = (getattr(exc, "strerror", None) or str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -142,9 +162,9 @@ def declared_duration(container, stream) -> float | None:
     """The video stream's duration as the file declares it (seconds), if it does."""
     if stream.duration:
         return float(stream.duration * stream.time_base)
-    tag = stream.metadata.get("DURATION")  # Matroska/WebM write it per stream
-    if tag:
-        h, m, s = tag.split(":")
+    tag = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", stream.metadata.get("DURATION", "").strip())  # Matroska/WebM, per stream
+    if tag:  # a malformed tag is ignored, like a missing one
+        h, m, s = tag.groups()
         return int(h) * 3600 + int(m) * 60 + float(s)
     if container.duration and len(container.streams) == 1:
         return container.duration / av.time_base
@@ -181,13 +201,16 @@ def _scan(path, container, stream) -> _Scan:
             if packet.size == 0 or packet.pts is None:
                 continue
             frame_pts.append(packet.pts)
+            if len(frame_pts) > MAX_SCAN_FRAMES:
+                raise VideoError(path, f"more than {MAX_SCAN_FRAMES} frames: too long for video mode (use stream mode)")
             if packet.is_keyframe:
                 keyframe_pts.append(packet.pts)
     except (av.error.FFmpegError, OSError) as exc:
         if not frame_pts:
             raise VideoError(path, f"undecodable ({_first_line(exc)})") from None
         at = (max(frame_pts) - min(frame_pts)) * stream.time_base
-        raise VideoError(path, f"truncated or corrupt after {float(at):.2f} s ({_first_line(exc)})") from None
+        kind = "stalled" if isinstance(exc, av.error.ExitError) else "truncated or corrupt"
+        raise VideoError(path, f"{kind} after {float(at):.2f} s ({_first_line(exc)})") from None
     if not frame_pts:
         declared = declared_duration(container, stream)
         raise VideoError(path, f"truncated: no frame of the declared {declared:.2f} s" if declared else "undecodable (no video frames with timestamps)")
@@ -219,10 +242,20 @@ def _seek_cost(scan: _Scan, targets: list) -> int:
 
 # ---- decoding ----------------------------------------------------------------------------
 def frame_to_rgb(frame, size: int) -> np.ndarray:
-    """Shorter side to `size`, display rotation applied, centre crop: uint8 [size, size, 3]."""
-    scale = size / min(frame.width, frame.height)
-    width, height = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
-    image = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="BILINEAR")
+    """Shorter side to `size`, display rotation applied, centre crop: uint8 [size, size, 3].
+
+    A frame of extreme aspect ratio (say 2 x 16000) is cropped to its centre
+    square before it is resized: resizing it whole would take gigabytes."""
+    short, long = sorted((frame.width, frame.height))
+    if long > RESIZE_ASPECT_LIMIT * short:
+        image = frame.to_ndarray(format="rgb24")  # the decoded size: no larger than the frame already is
+        top, left = (image.shape[0] - short) // 2, (image.shape[1] - short) // 2
+        square = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[top : top + short, left : left + short]), format="rgb24")
+        image = square.to_ndarray(width=size, height=size, format="rgb24", interpolation="BILINEAR")
+    else:
+        scale = size / short
+        width, height = max(size, round(frame.width * scale)), max(size, round(frame.height * scale))
+        image = frame.to_ndarray(width=width, height=height, format="rgb24", interpolation="BILINEAR")
     turns = round(frame.rotation / 90) % 4
     if turns:
         image = np.rot90(image, k=turns)  # rotation is counter-clockwise, as np.rot90
@@ -248,7 +281,7 @@ def _decode_targets(path, container, stream, targets: list, size: int, out: dict
             if wanted == len(targets):
                 break
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(path, f"undecodable ({_first_line(exc)})") from None
+        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_first_line(exc)})") from None
     if wanted < len(targets):
         raise VideoError(path, "undecodable: the decoder returned fewer frames than the file holds")
     return decoded
@@ -259,17 +292,18 @@ class _Overshoot(Exception):
 
 
 def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np.random.Generator | None = None,
-              strategy: str = "auto") -> Clip:
+              strategy: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Clip:
     """F frames uniformly over the whole video (see `segment_times`), each
     resized so the shorter side is `size` and centre-cropped to size x size.
     Videos with fewer frames than F repeat frames. `strategy` "seek" or
     "sequential" forces a decoding plan (the benchmark compares them); "auto"
-    takes the one that decodes fewer frames."""
+    takes the one that decodes fewer frames. A network source that takes
+    longer than `timeout` seconds to open or to send data raises VideoError."""
     if strategy not in ("auto", "seek", "sequential"):
         raise ValueError(f"strategy must be 'auto', 'seek' or 'sequential', not {strategy!r}")
     if is_endless(path):
         raise VideoError(path, "a live stream has no end to sample up to; use stream mode")
-    container, stream = open_video(path)
+    container, stream = open_video(path, timeout)
     with container:
         scan = _scan(path, container, stream)
         tb = float(stream.time_base)
@@ -285,7 +319,7 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
     decoded = 0
     if strategy == "seek":
         try:
-            container, stream = open_video(path)
+            container, stream = open_video(path, timeout)
             with container:
                 for group in _gop_groups(scan, targets):
                     container.seek(group[0][1], stream=stream, backward=True)
@@ -293,7 +327,7 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
         except _Overshoot:  # an imprecise index: fall back to one pass
             strategy, rgb = "sequential", {}
     if strategy == "sequential":
-        container, stream = open_video(path)
+        container, stream = open_video(path, timeout)
         with container:
             decoded += _decode_targets(path, container, stream, targets, size, rgb, after_seek=False)
     frames = np.stack([rgb[pts] for pts in chosen])
@@ -313,68 +347,97 @@ def _gop_groups(scan: _Scan, targets: list) -> list:
 
 
 # ---- stream mode -------------------------------------------------------------------------
-def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None = None, sleep=time.sleep) -> Iterator[tuple[float, np.ndarray]]:
-    """Yield (t, frame) for t = k / rate, k = 0, 1, ...: the frame on screen at
-    t (the last with pts <= t), uint8 [size, size, 3], each decoded frame
-    converted at most once.
+def max_gap(rate: float) -> float:
+    """The longest jump in time (seconds) the grid bridges by holding a frame;
+    after a longer one the grid restarts instead of repeating one frame."""
+    return max(GAP_GRID_STEPS / rate, GAP_SECONDS)
+
+
+def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None = None, sleep=time.sleep,
+                     timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield (t, frame) for t = k / rate: the frame on screen at t (the last
+    with pts <= t), uint8 [size, size, 3], each decoded frame converted at
+    most once. k counts up by one, except after a gap: when the next frame
+    comes more than `max_gap(rate)` after the one on screen, k jumps to that
+    frame's time (consumers see the gap as a jump of more than one grid step).
+    A jump backwards in time continues the grid after the frame on screen.
 
     A file ends at its last frame (a truncated Matroska file raises VideoError
-    after yielding its frames). A live source that fails to open, errors, or
-    (rtsp, rtmp, udp, srt, devices: sources without an end) stops, is reopened
-    after a back-off, the grid going on where it stopped; more than
-    `reconnect.tries` failures in a row raise VideoError."""
+    after yielding its frames). A live source that fails to open, errors, stalls
+    for `timeout` seconds, or (rtsp, rtmp, udp, srt, devices: sources without an
+    end) stops is reopened after a back-off (`reconnect`). A reopened http(s)
+    file skips the frames already read, so nothing is replayed and times stay
+    the file's; a reopened endless source goes on after the wall-clock time it
+    was away. Reconnects without progress are counted (see Reconnect); too
+    many raise VideoError."""
     reconnect = reconnect or Reconnect()
-    live = is_live(source)
-    endless = is_endless(source)
-    grid_index, failures = 0, 0
+    live, endless, gap = is_live(source), is_endless(source), max_gap(rate)
+    grid_index, failures, run = 0, [], 0  # failures: clock times of reconnects without progress; run: in a row, for the back-off
+    held = held_rgb = held_t = held_clock = None  # the frame on screen, its RGB once converted, its time, when it came
+    first, last_pts, shift = None, None, 0.0  # shift: seconds added to pts times (backward jumps, endless reconnects)
+
+    def back_off(progress: bool, reason: str) -> None:
+        nonlocal run
+        run = 1 if progress else run + 1
+        if not progress:
+            now = time.monotonic()
+            failures[:] = [f for f in failures if now - f < reconnect.span] + [now]
+            if len(failures) > reconnect.tries:
+                raise VideoError(source, f"gave up after {reconnect.tries} reconnects without progress within {reconnect.span:g} s "
+                                         f"({reason})")
+        sleep(reconnect.delay(run))
+
+    def show_held(until: float, inclusive: bool) -> Iterator[tuple[float, np.ndarray]]:
+        """The grid frames before `until` (or at it, when inclusive): the held frame."""
+        nonlocal grid_index, held_rgb
+        while grid_index / rate < until or (inclusive and grid_index / rate == until):
+            held_rgb = frame_to_rgb(held, size) if held_rgb is None else held_rgb
+            yield grid_index / rate, held_rgb
+            grid_index += 1
+
     while True:
-        offset = grid_index / rate  # a reopened live source continues the grid
         try:
-            container, stream = open_video(source, timeout=10.0 if live else None)
+            container, stream = open_video(source, timeout)
         except VideoError as exc:
             if not live:
                 raise
-            failures += 1
-            if failures > reconnect.tries:
-                raise VideoError(source, f"gave up after {reconnect.tries} reconnects ({exc.reason})") from None
-            sleep(reconnect.delay(failures))
+            back_off(False, exc.reason)
             continue
         with container:
             tb = float(stream.time_base)
-            first = held = held_rgb = None  # held: the frame on screen; held_rgb: its RGB once converted
-            t, dropped = 0.0, None
+            if endless:  # a new connection, new pts: its first frame comes as long after the held one as the source was away
+                first, shift = None, (held_t + time.monotonic() - held_clock if held is not None else 0.0)
+            resume_after, progress, dropped = last_pts, False, None  # a reopened file skips frames up to the last one read
             try:
                 for frame in container.decode(stream):
-                    if frame.pts is None:
+                    if frame.pts is None or (not endless and resume_after is not None and frame.pts <= resume_after):
                         continue
+                    resume_after, progress = None, True
                     first = frame.pts if first is None else first
-                    t = offset + (frame.pts - first) * tb
-                    while held is not None and grid_index / rate < t:
-                        held_rgb = frame_to_rgb(held, size) if held_rgb is None else held_rgb
-                        yield grid_index / rate, held_rgb
-                        grid_index += 1
-                    held, held_rgb, failures = frame, None, 0
+                    t = shift + (frame.pts - first) * tb
+                    if held is not None and t < held_t - gap:  # timestamps jumped back: go on from the frame on screen
+                        shift, t = shift + held_t - t, held_t
+                    if held is not None and t > held_t + gap:  # a gap: end the grid at the held frame, restart it at this one
+                        yield from show_held(held_t, inclusive=True)
+                        grid_index = max(grid_index, math.ceil(t * rate - 1e-6))
+                    if held is not None:
+                        yield from show_held(t, inclusive=False)
+                    held, held_rgb, held_t, held_clock, last_pts = frame, None, t, time.monotonic(), frame.pts
                 if endless:
                     dropped = "the stream ended"
             except (av.error.FFmpegError, OSError) as exc:
                 if not live:
-                    raise VideoError(source, f"undecodable after {t:.2f} s ({_first_line(exc)})") from None
+                    raise VideoError(source, f"undecodable after {held_t or 0.0:.2f} s ({_first_line(exc)})") from None
                 dropped = _first_line(exc)
             if dropped:
-                failures += 1
-                if failures > reconnect.tries:
-                    raise VideoError(source, f"stream dropped; gave up after {reconnect.tries} reconnects ({dropped})")
-                sleep(reconnect.delay(failures))
+                back_off(progress, f"stream dropped: {dropped}")
                 continue
             if held is None:
                 raise VideoError(source, "undecodable (no frame decoded)")
-            while grid_index / rate <= t:
-                held_rgb = frame_to_rgb(held, size) if held_rgb is None else held_rgb
-                yield grid_index / rate, held_rgb
-                grid_index += 1
+            yield from show_held(held_t, inclusive=True)
             if not live:
                 interval = 1 / float(stream.average_rate) if stream.average_rate else 0.0
-                _check_complete(source, container, stream, t + interval, interval)
+                _check_complete(source, container, stream, held_t + interval, interval)
             return
 
 

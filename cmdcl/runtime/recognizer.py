@@ -10,21 +10,46 @@ Video mode classifies F frames sampled over the whole file (`read_clip`) with
 the full graph, `batch` files per call. Stream mode samples a fixed time grid
 (F frames per `window` seconds), encodes each grid frame once, keeps its
 tokens in a ring buffer and classifies a window every `stride` seconds with
-the head graph, batching the windows of all sources into one head call.
+the head graph, batching the windows of all sources into one head call. It
+reads at most `max_open_sources()` files at once (the others wait their
+turn). A gap in a source's time (see `cmdcl.data.video.max_gap`) starts the
+ring buffer again: no window spans it, the first window after it carries
+`"gap_before": seconds`, and the summary counts `"gaps"`.
+
+Whatever goes wrong while reading one input, even a bug, becomes that input's
+failure record and the other inputs go on.
 """
 
 from __future__ import annotations
 
+import math
+import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..data.video import Reconnect, VideoError, is_live, iter_grid_frames, list_videos, read_clip
+from ..cli.errors import first_line
+from ..data.video import DEFAULT_TIMEOUT, Reconnect, VideoError, is_endless, is_live, iter_grid_frames, list_videos, read_clip
 from .backends import Backend, load_backend
 
 ENCODER_BATCH = 64  # most frames per frame-encoder call
+MAX_OPEN_SOURCES = 64  # most files stream mode reads at once (fewer under a low open-files limit)
+MAX_GRID_RATE = 1000.0  # grid frames per second, as cmdcl.model.config bounds a model's sampling (not imported: it loads torch)
+
+
+def max_open_sources() -> int:
+    """Files stream mode reads at once: MAX_OPEN_SOURCES, or an eighth of the
+    open-files limit (RLIMIT_NOFILE) when that is lower, leaving room for the
+    model's and the output's files."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # no such limit on this platform
+        return MAX_OPEN_SOURCES
+    return MAX_OPEN_SOURCES if soft == resource.RLIM_INFINITY else max(1, min(MAX_OPEN_SOURCES, soft // 8))
 
 
 class Recognizer:
@@ -34,10 +59,14 @@ class Recognizer:
     None for the bundled demo model on ONNX Runtime CPU. `window`/`stride`
     (seconds) default to the model's recorded sampling. Multi-label models
     report every label whose score is >= `threshold` (default 0.5);
-    single-label models the `top_k` best, dropping those under `threshold`."""
+    single-label models the `top_k` best, dropping those under `threshold`.
+    Network sources get `timeout` seconds to open and to send each packet;
+    `debug` prints the traceback of an unexpected error on stderr (it still
+    becomes that input's failure record)."""
 
     def __init__(self, engine=None, backend: str = "auto", device: str = "cpu", top_k: int = 5, threshold: float | None = None,
-                 window: float | None = None, stride: float | None = None, batch: int = 1, reconnect: Reconnect | None = None):
+                 window: float | None = None, stride: float | None = None, batch: int = 1, reconnect: Reconnect | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, debug: bool = False):
         self.backend = engine if isinstance(engine, Backend) else load_backend(engine, backend, device)
         info = self.backend.info
         self.info = info
@@ -49,11 +78,24 @@ class Recognizer:
         self.threshold = threshold if threshold is not None or not info.multi_label else 0.5
         self.window = float(window or info.window_seconds)
         self.stride = float(stride or info.stride_seconds)
-        if self.window <= 0 or self.stride <= 0:
-            raise ValueError("window and stride must be positive")
+        if not (math.isfinite(self.window) and math.isfinite(self.stride) and self.window > 0 and self.stride > 0):
+            raise ValueError(f"window and stride must be positive numbers of seconds, got {self.window:g} and {self.stride:g}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout:g}")
         self.grid_rate = info.num_frames / self.window  # grid frames per second
+        if self.grid_rate > MAX_GRID_RATE:
+            raise ValueError(f"window {self.window:g} s is too short for {info.num_frames} frames: at most {MAX_GRID_RATE:g} "
+                             f"grid frames per second (a window of at least {info.num_frames / MAX_GRID_RATE:g} s)")
         self.stride_frames = max(1, round(self.stride * self.grid_rate))
         self.reconnect = reconnect or Reconnect()
+        self.timeout, self.debug = timeout, debug
+
+    def _unexpected(self, exc: Exception) -> str:
+        """The failure text for an error no reader anticipated (a bug, or a
+        resource running out); with `debug` its traceback goes to stderr too."""
+        if self.debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+        return f"unexpected {type(exc).__name__}: {first_line(exc)}"
 
     # ---- scores to labels ----------------------------------------------------------------
     def top(self, probabilities: np.ndarray) -> list[dict]:
@@ -67,20 +109,22 @@ class Recognizer:
     # ---- video mode ----------------------------------------------------------------------
     def predict(self, path) -> dict:
         """The summary record of one video; raises VideoError for a file it cannot read."""
-        clip = read_clip(path, self.info.num_frames, self.info.image_size)
+        clip = read_clip(path, self.info.num_frames, self.info.image_size, timeout=self.timeout)
         return self._video_records([(path, clip)])[0]
 
     def predict_many(self, paths: Iterable) -> Iterator[dict]:
         """Summary records in input order, `batch` videos per model call; a file
-        that cannot be read gives a failure record and the others go on."""
+        that cannot be read (for whatever reason) gives a failure record and the others go on."""
         paths = list(paths)
         for start in range(0, len(paths), self.batch):
             chunk, clips, failures = paths[start : start + self.batch], [], {}
             for path in chunk:
                 try:
-                    clips.append((path, read_clip(path, self.info.num_frames, self.info.image_size)))
+                    clips.append((path, read_clip(path, self.info.num_frames, self.info.image_size, timeout=self.timeout)))
                 except VideoError as exc:
                     failures[str(path)] = {"video": str(path), "summary": True, "error": exc.reason}
+                except Exception as exc:  # a bug or a resource running out: this input fails, the run goes on
+                    failures[str(path)] = {"video": str(path), "summary": True, "error": self._unexpected(exc)}
             records = iter(self._video_records(clips) if clips else [])
             for path in chunk:
                 yield failures.get(str(path)) or next(records)
@@ -104,12 +148,20 @@ class Recognizer:
             yield record
 
     def stream_many(self, sources: Iterable) -> Iterator[dict]:
-        """Window and summary records of several sources, windows batched into one head call."""
-        f = self.info.num_frames
-        active = [_Stream(s, iter_grid_frames(s, self.grid_rate, self.info.image_size, self.reconnect), f) for s in sources]
-        while active:
-            for stream in active:
-                stream.pull(f - len(stream.tokens) if not stream.windows else self.stride_frames)
+        """Window and summary records of several sources, windows batched into one head call.
+
+        At most `max_open_sources()` files are read at once, the others waiting
+        their turn; endless sources (rtsp, devices, ...) all start at once, as
+        they would never make room."""
+        f, step, limit = self.info.num_frames, 1.0 / self.grid_rate, max_open_sources()
+        sources = list(sources)
+        waiting = deque(s for s in sources if not is_endless(s))
+        active = [self._open_stream(s) for s in sources if is_endless(s)]
+        while active or waiting:
+            while waiting and sum(not is_endless(s.source) for s in active) < limit:
+                active.append(self._open_stream(waiting.popleft()))
+            for stream in active:  # at most ENCODER_BATCH frames each: a stride longer than the window holds no more
+                stream.pull(min(f - len(stream.tokens) if stream.fresh else self.stride_frames, ENCODER_BATCH), step)
             pending = [(stream, frame) for stream in active for frame in stream.pending]
             for start in range(0, len(pending), ENCODER_BATCH):
                 chunk = pending[start : start + ENCODER_BATCH]
@@ -119,60 +171,96 @@ class Recognizer:
                     stream.new += 1
             for stream in active:
                 stream.pending.clear()
-            due = [s for s in active if len(s.tokens) == f and (not s.windows or s.new >= self.stride_frames)]
-            due += [s for s in active if s.ended and not s.windows and 0 < len(s.tokens) < f]  # short: repeat frames
+            due = [s for s in active if s.window_due(self.stride_frames)]
             if due:
                 logits = self.backend.classify_tokens(np.stack([s.window_tokens() for s in due]))
                 for stream, probabilities in zip(due, self.backend.probabilities(logits)):
-                    yield stream.window_record(probabilities, self.top(probabilities), 1.0 / self.grid_rate)
+                    yield stream.window_record(probabilities, self.top(probabilities), step)
             for stream in [s for s in active if s.ended]:
-                yield stream.summary(self.top, 1.0 / self.grid_rate)
+                yield stream.summary(self.top, step)
                 active.remove(stream)
+            for stream in active:
+                stream.restart_after_gap(step)
+
+    def _open_stream(self, source) -> _Stream:
+        frames = iter_grid_frames(source, self.grid_rate, self.info.image_size, self.reconnect, timeout=self.timeout)
+        return _Stream(source, frames, self.info.num_frames, self._unexpected)
 
 
 class _Stream:
-    """One source's state in stream mode: grid frames not yet encoded, and the
-    ring buffer of the last F frames' (time, tokens)."""
+    """One source's state in stream mode: grid frames not yet encoded, the ring
+    buffer of the last F frames' (time, tokens), and the running sum of the
+    window scores (for the summary; nothing grows with the stream's length)."""
 
-    def __init__(self, source, frames: Iterator, num_frames: int):
-        self.source, self.frames = str(source), frames
+    def __init__(self, source, frames: Iterator, num_frames: int, unexpected):
+        self.source, self.frames, self.unexpected = str(source), frames, unexpected
         self.pending: list = []  # (t, frame) pulled, not yet encoded
         self.tokens: deque = deque(maxlen=num_frames)
         self.num_frames = num_frames
         self.new = 0  # frames encoded since the last window
-        self.windows, self.scores, self.last_time = 0, [], None
+        self.fresh = True  # no window since the ring buffer (re)started
+        self.windows, self.score_sum, self.last_time = 0, 0.0, None
+        self.after_gap, self.gap_before, self.gaps = None, None, 0  # the grid frame after a gap, held back; the gap; gaps so far
         self.ended, self.error = False, None
 
-    def pull(self, count: int) -> None:
-        """Read grid frames until `count` are pending or the source ends."""
-        while not self.ended and len(self.pending) < count:
+    def pull(self, count: int, step: float) -> None:
+        """Read grid frames until `count` are pending, the source ends, or a gap
+        (a jump of more than one grid `step`) comes: the frame after it waits."""
+        while not self.ended and self.after_gap is None and len(self.pending) < count:
             try:
                 t, frame = next(self.frames)
             except StopIteration:
                 self.ended = True
             except VideoError as exc:
                 self.ended, self.error = True, exc.reason
+            except Exception as exc:  # a bug or a resource running out: this source fails, the others go on
+                self.ended, self.error = True, self.unexpected(exc)
             else:
-                self.pending.append((t, frame))
-                self.last_time = t
+                if self.last_time is not None and t - self.last_time > 1.5 * step:
+                    self.after_gap = (t, frame)
+                else:
+                    self.pending.append((t, frame))
+                    self.last_time = t
+
+    def window_due(self, stride_frames: int) -> bool:
+        """A full window `stride_frames` after the last, or the first one since the
+        ring buffer (re)started; a part shorter than a window (the source ended or
+        a gap came) gets one window repeating its frames."""
+        if len(self.tokens) == self.num_frames:
+            return self.fresh or self.new >= stride_frames
+        return self.fresh and len(self.tokens) > 0 and (self.ended or self.after_gap is not None)
+
+    def restart_after_gap(self, step: float) -> None:
+        """After a gap: the ring buffer starts again with the frame held back."""
+        if self.after_gap is None:
+            return
+        t, frame = self.after_gap
+        self.gap_before, self.gaps = round(t - self.last_time - step, 3), self.gaps + 1
+        self.tokens.clear()
+        self.fresh, self.new, self.after_gap = True, 0, None
+        self.pending.append((t, frame))
+        self.last_time = t
 
     def window_tokens(self) -> np.ndarray:
         tokens = [token for _, token in self.tokens]
-        if len(tokens) < self.num_frames:  # a source shorter than one window: repeat frames uniformly
+        if len(tokens) < self.num_frames:  # a part shorter than one window: repeat frames uniformly
             tokens = [tokens[int((i + 0.5) * len(tokens) / self.num_frames)] for i in range(self.num_frames)]
         return np.stack(tokens)
 
     def window_record(self, probabilities: np.ndarray, top: list, step: float) -> dict:
         record = {"video": self.source, "start": round(self.tokens[0][0], 3), "end": round(self.tokens[-1][0] + step, 3),
                   "top": top, "window": self.windows}
-        self.windows, self.new = self.windows + 1, 0
-        self.scores.append(probabilities)
+        if self.gap_before is not None:
+            record["gap_before"], self.gap_before = self.gap_before, None
+        self.windows, self.new, self.fresh = self.windows + 1, 0, False
+        self.score_sum = self.score_sum + probabilities
         return record
 
     def summary(self, top, step: float) -> dict:
         record = {"video": self.source, "summary": True, "mode": "stream"}
         if self.windows:
-            record.update(start=0.0, end=round(self.last_time + step, 3), top=top(np.mean(self.scores, axis=0)), windows=self.windows)
+            record.update(start=0.0, end=round(self.last_time + step, 3), top=top(self.score_sum / self.windows), windows=self.windows,
+                          gaps=self.gaps)
         if self.error or not self.windows:
             record["error"] = self.error or "undecodable (no frame decoded)"
         return record
