@@ -98,22 +98,25 @@ def test_plot_and_overlay(tiny_checkpoint, videos, tmp_path):  # noqa: F811
         assert container.streams.video[0].frames == original.streams.video[0].frames == 40
 
 
-def test_killed_run_leaves_only_valid_json_lines(tiny_checkpoint, videos, tmp_path):  # noqa: F811
-    out = tmp_path / "out.jsonl"
+def test_killed_run_leaves_only_valid_json_lines_and_the_older_output(tiny_checkpoint, videos, tmp_path):  # noqa: F811
+    out, partial = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"  # records go to .partial until the run ends
+    out.write_text('{"older": "run"}\n')
     script = "from cmdcl.cli.run import main; main()"
-    args = [sys.executable, "-c", script, *map(str, videos * 20), "--engine", str(tiny_checkpoint), "--mode", "stream",
+    args = [sys.executable, "-c", script, *map(str, videos * 30), "--engine", str(tiny_checkpoint), "--mode", "stream",
             "--window", "2", "--stride", "0.5", "-o", str(out), "-q"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+        while time.time() < deadline and process.poll() is None and (not partial.exists() or partial.read_text().count("\n") < 3):
             time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it was killed"
     finally:
         process.send_signal(signal.SIGKILL)
-        process.wait()
-    lines = out.read_text().splitlines()
+        process.wait(timeout=30)
+    lines = partial.read_text().splitlines()
     assert len(lines) >= 3
     assert all(isinstance(json.loads(line), dict) for line in lines)
+    assert out.read_text() == '{"older": "run"}\n'
 
 
 def test_default_engine_is_the_demo_model(tmp_path, monkeypatch):

@@ -131,3 +131,21 @@ def test_export_cli_writes_the_repository(exported, tmp_path):
     result = CliRunner().invoke(main, ["--ckpt", str(exported["model"].with_suffix(".pt")), "--out", str(out),
                                        "--no-split", "--triton-repo", str(tmp_path / "repo")])
     assert result.exit_code == 1 and "--triton-repo needs the split graphs" in result.stderr
+
+
+def test_split_graphs_from_another_export_are_refused(exported, tmp_path):
+    """The repository's frame_encoder/head must be the clip model's own halves, or `cmdcl` and `cmdcl_stream` would
+    serve another model than the one named."""
+    import torch
+
+    from cmdcl.export import export_onnx
+    from cmdcl.model import CMDCL
+    from conftest import small_config
+
+    torch.manual_seed(1)  # same config and classes, other weights: a retrained model exported without --split
+    other = export_onnx(CMDCL(small_config(), CLASSES).eval(), tmp_path / "model.onnx", split=False)["model"]
+    for role in ("frame_encoder", "head"):
+        shutil.copyfile(exported[role], tmp_path / f"model.{role}.onnx")
+    with pytest.raises(TritonRepoError, match="model.frame_encoder.onnx: its weights_hash differs from that of"):
+        write_triton_repo(other, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..output_files import atomic_write
+
 
 def format_table(headers: list[str], rows: list[list]) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
@@ -86,11 +88,9 @@ def markdown(report: dict) -> str:
 
 
 def write_json(report: dict, path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return Path(path)
 
 
 def plot_latency(report: dict, path) -> Path:

@@ -89,15 +89,16 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     """
     from ..bench import report as output
     from ..bench.runner import Bench, BenchSettings
+    from ..output_files import OutputError, atomic_write, check_outputs
     from ..runtime.backends import BackendError
 
     if engines and frames:
         raise click.UsageError("--frames applies to the generated models; an --engine's frame count is fixed")
-    if json_path:
-        _check_writable(json_path, "--json")
-    for path, option in ((plot, "--plot"), (markdown, "--markdown")):
-        if path:
-            _check_writable(path, option)
+    try:  # fail before an hour of measuring, not after
+        check_outputs([("--json", json_path), ("--plot", plot), ("--markdown", markdown)],
+                      [*[("the --engine model", path) for path in engines], ("--video", video), ("--long-video", long_video)])
+    except OutputError as exc:
+        fail("cmdcl-bench", str(exc), 2, debug, exc)
     settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"), batches=batches, frames=frames,
                              classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,
                              video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames,
@@ -125,15 +126,20 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     bar.close()
     report["command"] = _command_line(click.get_current_context())
     click.echo(output.text_report(report))
-    if json_path:
-        output.write_json(report, json_path)
-        click.echo(f"wrote {json_path}", err=True)
-    if plot:
-        output.plot_latency(report, plot)
-        click.echo(f"wrote {plot}", err=True)
-    if markdown:
-        markdown.write_text(output.markdown(report))
-        click.echo(f"wrote {markdown}", err=True)
+    try:
+        if json_path:
+            output.write_json(report, json_path)
+            click.echo(f"wrote {json_path}", err=True)
+        if plot:
+            with atomic_write(plot) as tmp:
+                output.plot_latency(report, tmp)
+            click.echo(f"wrote {plot}", err=True)
+        if markdown:
+            with atomic_write(markdown) as tmp:
+                tmp.write_text(output.markdown(report))
+            click.echo(f"wrote {markdown}", err=True)
+    except OSError as exc:  # e.g. a full disk: the report above is on stdout all the same
+        fail("cmdcl-bench", f"cannot write the results: {exc.strerror or first_line(exc)}", 1, debug, exc)
 
 
 def _command_line(ctx) -> str:
@@ -155,12 +161,6 @@ def _command_line(ctx) -> str:
         else:
             words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return shlex.join(words)
-
-
-def _check_writable(path: Path, option: str) -> None:
-    """Fail before an hour of measuring, not after."""
-    if not path.parent.is_dir():
-        raise click.BadParameter(f"{path}: directory {path.parent} does not exist", param_hint=option)
 
 
 if __name__ == "__main__":

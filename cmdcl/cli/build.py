@@ -40,9 +40,15 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     from tqdm import tqdm
 
     from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, sidecar_path, split_pairs
+    from cmdcl.output_files import OutputError, check_outputs
 
     engine = engine or onnx_path.with_suffix(".plan")
     pairs = split_pairs(onnx_path, engine) if split else [(onnx_path, engine)]
+    try:  # before building: no engine, sidecar or timing cache may overwrite a model file or each other
+        outputs = [*[("--engine", plan) for _, plan in pairs], *[("the engine's sidecar", sidecar_path(plan)) for _, plan in pairs]]
+        check_outputs([*outputs, ("--timing-cache", timing_cache)], [("the model", part) for part, _ in pairs])
+    except OutputError as exc:
+        fail("cmdcl-build", str(exc), 1, debug, exc)
     try:
         for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr,
                                disable=True if len(pairs) == 1 else None):  # None: no bar off a terminal

@@ -40,7 +40,8 @@ class _Failure(Exception):
               help="TensorRT timing cache file, read and updated by the --engine build.")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton Inference Server model repository here: frame_encoder and head with dynamic "
-                   "batching, a BLS model cmdcl for whole clips, a sequence-batching cmdcl_stream for cameras.")
+                   "batching, a BLS model cmdcl for whole clips, a sequence-batching cmdcl_stream for cameras. "
+                   "Only model directories that cmdcl-export wrote are replaced; anything else there is kept.")
 @click.option("--engine-format", default="onnx", show_default=True, type=click.Choice(["onnx", "plan"]),
               help="--triton-repo backend: onnx (ONNX Runtime) or plan (TensorRT; builds --engine, default <out>.plan).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -54,15 +55,22 @@ def main(ckpt, out, opset, precision, split, verify, video, engine, engine_preci
     intervention is one cmdcl::CausalIntervention node with a standard-op
     local function, so ONNX Runtime needs no custom-op library. Everything
     the runtime needs is in the file's metadata.
+
+    No output may be the checkpoint, --video or another output (checked
+    first); the graphs are exported and verified aside and renamed into place
+    only then, so a failed export leaves older files as they were.
     """
     try:
+        out = out or ckpt.with_suffix(".onnx")
         if triton_repo and not split:
             raise _Failure("--triton-repo needs the split graphs (drop --no-split)")
         if triton_repo and engine_format == "plan" and engine is None:
-            engine = (out or ckpt.with_suffix(".onnx")).with_suffix(".plan")
-        _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache)
+            engine = out.with_suffix(".plan")
+        stale = [] if split else _stale_split_graphs(out)
+        _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, stale)
+        _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale)
         if triton_repo:
-            _write_triton_repo(out or ckpt.with_suffix(".onnx"), triton_repo, engine_format, engine, max_batch)
+            _write_triton_repo(out, triton_repo, engine_format, engine, max_batch)
     except Exception as exc:
         fail("cmdcl-export", describe(exc, _known_errors()), 1, debug, exc, reraise=True)
 
@@ -71,21 +79,62 @@ def _known_errors() -> tuple:
     from cmdcl.export import ExportError
     from cmdcl.export.verify import VerificationError
     from cmdcl.model import CheckpointError
+    from cmdcl.output_files import OutputError
     from cmdcl.serve.triton_repo import TritonRepoError
 
-    return (_Failure, ExportError, VerificationError, CheckpointError, TritonRepoError)
+    return (_Failure, ExportError, VerificationError, CheckpointError, TritonRepoError, OutputError, OSError)
 
 
-def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache):
+def _stale_split_graphs(out: Path) -> list[Path]:
+    """With --no-split: the split graphs of an older export beside `out`, which the streaming runtime
+    would take for the new model's; removed once the new model is written. A file of that name that
+    is not a CMDCL graph is not ours to remove: an error."""
+    from cmdcl.export.metadata import ModelFileError, read_metadata
+    from cmdcl.export.onnx_export import output_paths
+
+    stale = [path for role, path in output_paths(out).items() if role != "model" and path.exists()]
+    for path in stale:
+        try:
+            read_metadata(path)
+        except ModelFileError:
+            raise _Failure(f"{path}: exists and is not a CMDCL graph, and the runtime would take it for {out.name}'s "
+                           f"split graph; move it away") from None
+    return stale
+
+
+def _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, stale) -> None:
+    """Before anything loads or is written: no output is an input or another output, each can be written,
+    and none lies in a model directory that writing the Triton repository replaces."""
+    from cmdcl.export.onnx_export import output_paths
+    from cmdcl.export.tensorrt_build import sidecar_path
+    from cmdcl.output_files import check_outputs
+    from cmdcl.runtime.backends import part_path
+    from cmdcl.serve.triton_repo import check_triton_repo
+
+    inputs = [("--ckpt", ckpt), ("--video", video)]
+    outputs = [("--out" if role == "model" else f"--out's {role} graph", path) for role, path in output_paths(out, split).items()]
+    if engine:
+        engines = [part_path(engine, role) for role in ("model", "frame_encoder", "head")[: 3 if split else 1]]
+        outputs += [(f"--engine{'' if path == engine else ' (split graph)'}", path) for path in engines]
+        outputs += [("--engine's sidecar", sidecar_path(path)) for path in engines]
+    outputs += [("--timing-cache", timing_cache), *[("the stale split graph", path) for path in stale]]
+    check_outputs(outputs, inputs)
+    if triton_repo:
+        check_triton_repo(triton_repo, inputs + outputs)
+
+
+def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale):
+    """Export (and verify) the graphs in a temporary directory beside `out`, then rename them into place:
+    a failed export or verification leaves any older files as they were."""
     from tqdm import tqdm
 
     from cmdcl.export import export_onnx
     from cmdcl.export.verify import VerificationError, verify_export
     from cmdcl.model import load_checkpoint
+    from cmdcl.output_files import move_into_place, temporary_dir
 
     if video is not None and not video.is_file():
         raise _Failure(f"{video}: no such video file")
-    out = out or ckpt.with_suffix(".onnx")
     stages = 1 + (3 if split else 1) + bool(verify) + bool(engine)  # load, graphs, verify, engine
     # disable=None: no bar when stderr is not a terminal (logs, CI)
     with tqdm(total=stages, desc="cmdcl-export", file=sys.stderr, unit="step", disable=None) as bar:
@@ -96,15 +145,19 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
             bar.update()
             bar.set_postfix_str(text)
 
-        paths = export_onnx(model, out, opset=opset, precision=precision, split=split, progress=progress)
-        if verify:
-            progress("verifying with ONNX Runtime")
-            try:
-                checks, notes = verify_export(model, paths, precision, video=video)
-            except VerificationError as exc:  # a failed export leaves no file the runtime could pick up
-                for path in paths.values():
-                    path.unlink(missing_ok=True)
-                raise VerificationError(f"{exc} (removed the exported files; --no-verify keeps them)") from None
+        with temporary_dir(out.parent, out.name) as staging:
+            paths = export_onnx(model, staging / out.name, opset=opset, precision=precision, split=split, progress=progress)
+            if verify:
+                progress("verifying with ONNX Runtime")
+                try:
+                    checks, notes = verify_export(model, paths, precision, video=video)
+                except VerificationError as exc:  # a failed export leaves no file the runtime could pick up
+                    raise VerificationError(f"{exc} (nothing written; --no-verify writes the files anyway)") from None
+            for path in paths.values():
+                move_into_place(path, out.with_name(path.name))
+        paths = {role: out.with_name(path.name) for role, path in paths.items()}
+        for path in stale:
+            path.unlink()
         if engine:
             progress(f"building TensorRT engine {engine.name}")
             engines = _build_engines(paths, engine, engine_precision, max_batch, timing_cache)
@@ -112,6 +165,8 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
         bar.set_postfix_str("done")
     for role, path in paths.items():
         click.echo(f"wrote {role:<13} {path}")
+    for path in stale:
+        click.echo(f"removed {path} (an older export's split graph; --no-split)")
     if verify:
         for line in [*map(str, checks), *notes]:
             click.echo(line)

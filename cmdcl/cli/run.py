@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
@@ -21,28 +22,37 @@ EXIT_INPUT_FAILED = 3
 @click.option("--stride", type=click.FloatRange(min=0, min_open=True), help="Stream mode: seconds between windows. Default: the model's.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels reported per result (single-label models).")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Report only labels scoring at least this; multi-label models report every label over it (default 0.5).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False), help="Write records here instead of stdout.")
+@click.option("--output", "-o", type=click.Path(), help="Write records here instead of stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), help="Record format. Default: from --output's suffix, else jsonl.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Video mode: videos per model call.")
-@click.option("--plot", type=click.Path(dir_okay=False), help="Stream mode: save a PNG of label scores over time.")
-@click.option("--overlay", type=click.Path(dir_okay=False), help="Write a copy of the (single) input video with its labels drawn on it.")
-@click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True, help="Live streams: consecutive reconnect attempts before giving up.")
+@click.option("--plot", type=click.Path(), help="Stream mode: save a PNG of label scores over time.")
+@click.option("--overlay", type=click.Path(), help="Write a copy of the (single) input video with its labels drawn on it.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds any network open or read may wait before it fails (or reconnects).")
+@click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True, help="Live streams: reconnects that bring no new frame, within 5 minutes, before giving up.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Decoding statistics on stderr, and tracebacks for errors.")
-def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold, output, fmt, batch, plot, overlay, reconnect_tries, quiet, debug):
+def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold, output, fmt, batch, plot, overlay, timeout, reconnect_tries, quiet,
+         debug):
     """Classify each INPUT (a video file, a directory of videos, or a stream
     URL/device such as rtsp://..., http://..., /dev/video0) and write one JSON
     record per result.
 
+    No output may be an input, the model or another output (checked before
+    anything is written); --output is written as OUTPUT.partial (tail it while
+    the run goes) and renamed to OUTPUT when the run ends, also on Ctrl-C.
+
     Exit status: 0 when every input succeeded, 3 when any failed (each failure
     is one line on stderr and the run goes on), 2 for bad options or a model
-    that cannot be loaded.
+    that cannot be loaded, 1 when an output cannot be written, 130 on Ctrl-C
+    (143 on SIGTERM, which also ends the run cleanly).
     """
     from ..data.video import Reconnect
+    from ..output_files import OutputError, check_outputs
     from ..runtime.backends import BackendError
-    from ..runtime.output import RecordWriter
+    from ..runtime.output import RecordWriter, partial_path
     from ..runtime.recognizer import Recognizer, expand_inputs
 
+    signal.signal(signal.SIGTERM, _terminate)  # docker stop, systemd, kill: end like Ctrl-C (outputs renamed into place)
     fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "jsonl")
     sources = expand_inputs(inputs)
     if not sources:
@@ -51,26 +61,37 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
         raise click.UsageError("--overlay takes exactly one input")
     if (window or stride or plot) and mode != "stream":
         raise click.UsageError("--window, --stride and --plot need --mode stream")
-    try:
-        recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
-                                batch=batch, reconnect=Reconnect(tries=reconnect_tries))
-    except BackendError as exc:
-        fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
+    outputs = [("--output", output), ("--output's temporary file", output and partial_path(output)), ("--plot", plot),
+               ("--overlay", overlay)]
+    try:  # before the model loads: a clash or an unwritable output is found at once
+        check_outputs(outputs, [*_model_files(engine), *[("the input", source) for source in sources]])
+        writer = RecordWriter(output, fmt)
+    except OutputError as exc:
+        fail("cmdcl-run", str(exc), 2, debug, exc)
     records, failed = [], 0
     progress = _progress(len(sources), quiet)
-    with RecordWriter(output, fmt) as writer:
-        produced = recognizer.predict_many(sources) if mode == "video" else recognizer.stream_many(sources)
-        try:
+    try:
+        with writer:
+            recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
+                                    batch=batch, reconnect=Reconnect(tries=reconnect_tries), timeout=timeout, debug=debug)
+            produced = recognizer.predict_many(sources) if mode == "video" else recognizer.stream_many(sources)
             for record in produced:
-                writer.write(record)
+                record = writer.write(record)
                 if plot or overlay:  # kept only for them: a long stream's records are not held in memory
                     records.append(record)
                 if record.get("summary"):
                     progress.update(1)
                     failed += _report(record, mode, debug, progress)
-        except BackendError as exc:  # e.g. stream mode with a model exported without its split graphs
-            progress.close()
-            fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
+    except BackendError as exc:  # a model that cannot be loaded, or one exported without the split graphs stream mode needs
+        progress.close()
+        fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
+    except OutputError as exc:
+        progress.close()
+        fail("cmdcl-run", str(exc), 1, debug, exc)
+    except KeyboardInterrupt as exc:  # the records so far are the output (Ctrl-C is how a live stream ends)
+        progress.close()
+        fail("cmdcl-run", f"{_stopped_by(exc)}{f'; the records so far are in {output}' if output and writer.count else ''}",
+             _interrupt_status(exc), label=None)
     progress.close()
     try:
         if plot:
@@ -81,9 +102,42 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
             from ..runtime.output import write_overlay
 
             write_overlay(sources[0], records, overlay)
+    except KeyboardInterrupt as exc:
+        fail("cmdcl-run", f"{_stopped_by(exc)} while writing --plot/--overlay", _interrupt_status(exc), label=None)
     except Exception as exc:  # noqa: BLE001 - optional outputs: one line, not a traceback
         fail("cmdcl-run", f"--plot/--overlay: {exc}", 1, debug, exc, label=None)
     sys.exit(EXIT_INPUT_FAILED if failed else 0)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is so that it unwinds as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+def _stopped_by(exc: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+
+
+def _interrupt_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+
+
+def _model_files(engine) -> list[tuple[str, object]]:
+    """The model file and the files the runtime reads with it: its split graphs (and a TensorRT engine's JSON sidecars)."""
+    if engine is None:
+        return []
+    from ..export.tensorrt_build import sidecar_path
+    from ..runtime.backends import part_path
+
+    files = [("the --engine model", engine)]
+    files += [("the --engine model's split graph", part_path(engine, part)) for part in ("frame_encoder", "head")]
+    if not str(engine).lower().endswith((".onnx", ".pt")):  # a TensorRT engine: each has a JSON sidecar
+        files += [("the --engine model's sidecar", sidecar_path(path)) for _, path in files]
+    return files
 
 
 def _report(record: dict, mode: str, debug: bool, progress) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .errors import clean_errors
@@ -22,8 +24,29 @@ def main(out, videos, seed, split, size, fps, home_bias, debug):
     from cmdcl.data.synth import SynthConfig, generate
 
     with clean_errors(debug):
+        _check_out(Path(out), split, videos)
         manifest = generate(out, videos, seed, split, SynthConfig(size=size, fps=fps, home_bias=home_bias), progress=True)
     click.echo(f"wrote {videos} videos and {manifest}")
+
+
+def _check_out(out: Path, split: str, videos: int) -> None:
+    """The files it writes may replace only an earlier cmdcl-synth output (its actions.txt lists our
+    atomic actions), never someone else's manifest, class list or videos."""
+    from cmdcl.data.synth import ATOMIC_ACTIONS
+    from cmdcl.output_files import OutputError
+
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file, not a folder")
+    names = ["manifest.csv", "classes.txt", "actions.txt", *[f"{split}_{i:05d}.mp4" for i in range(videos)]]
+    clashes = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    links = [name for name in clashes if (out / name).is_symlink()]  # writing through a link would change its target
+    try:
+        ours = not links and (out / "actions.txt").read_text().splitlines() == list(ATOMIC_ACTIONS)
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if clashes and not ours:
+        raise OutputError(f"--out {out}: holds {(links or clashes)[0]}, which is not from cmdcl-synth; refusing to "
+                          f"overwrite it (use a new or empty folder)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ weights they come from.
 from __future__ import annotations
 
 import copy
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..model.cmdcl import CMDCL
+from ..output_files import OutputError, atomic_write, check_writable
 from . import metadata
 from .precision import convert_precision
 from .intervention_node import DOMAIN, OP_VERSION, intervention_function
@@ -103,7 +103,10 @@ def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: 
         )
     paths = output_paths(out_path, split)
     for path in paths.values():
-        _check_writable(path)
+        try:
+            check_writable(path, "output")
+        except OutputError as exc:
+            raise ExportError(str(exc)) from None
 
     model = copy.deepcopy(model).float().cpu().eval()
     model.set_intervention_impl("onnx")  # trace the fused op as one cmdcl::CausalIntervention node
@@ -124,21 +127,6 @@ def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: 
         proto = _finish(proto, model, role, precision, opset)
         _save(proto, path)
     return paths
-
-
-def _check_writable(path: Path) -> None:
-    if path.is_dir():
-        raise ExportError(f"{path}: is a directory, not an output file")
-    if not path.parent.is_dir():
-        raise ExportError(f"{path}: cannot write: directory {path.parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-        if path.exists():
-            with open(path, "ab"):
-                pass
-    except OSError as exc:
-        raise ExportError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def _trace(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str], opset: int) -> onnx.ModelProto:
@@ -198,10 +186,8 @@ def _set_interface(proto: onnx.ModelProto, inputs: dict, outputs: dict) -> None:
 
 def _save(proto: onnx.ModelProto, path: Path) -> None:
     """Write atomically: a temporary file renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        onnx.save(proto, tmp)
-        tmp.replace(path)
+        with atomic_write(path) as tmp:
+            onnx.save(proto, tmp)
     except (OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"{path}: cannot write: {exc}") from None

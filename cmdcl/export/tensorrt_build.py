@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from ..output_files import atomic_write
+
 PRECISIONS = ("fp32", "fp16", "bf16")
 SPLIT_ROLES = ("frame_encoder", "head")
 INSTALL_HINT = "pip install 'tensorrt>=10.9' on a machine with an NVIDIA GPU"
@@ -136,9 +138,9 @@ def build_engine(
     if serialized is None:
         raise EngineBuildError(f"{onnx_path}: TensorRT failed to build the engine (its log above says why)")
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    engine_path.write_bytes(bytes(serialized))
+    _write_atomic(engine_path, bytes(serialized))
     if timing_cache is not None:
-        Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
+        _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
     sidecar = {
         "engine": engine_path.name,
@@ -152,8 +154,17 @@ def build_engine(
         "plugin": PLUGIN_ID if _has_plugin_node(network, trt) else None,
         "build_seconds": round(time.perf_counter() - started, 1),
     }
-    sidecar_path(engine_path).write_text(json.dumps(sidecar, indent=2, default=str) + "\n")
+    _write_atomic(sidecar_path(engine_path), (json.dumps(sidecar, indent=2, default=str) + "\n").encode())
     return engine_path
+
+
+def _write_atomic(path, data: bytes) -> None:
+    """A killed or failed build never leaves a truncated engine, sidecar or timing cache."""
+    try:
+        with atomic_write(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as exc:
+        raise EngineBuildError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def build_engines(onnx_path, engine_path, **options) -> list[Path]:

@@ -1,59 +1,163 @@
 """Where records go: JSON Lines (flushed per record), JSON, CSV; a timeline plot; a labelled video.
 
-JSON Lines is the crash-safe format: every record is one line written and
-flushed as it is produced, so a killed run leaves only complete lines. JSON
-is one array written when the run ends; CSV is one row per reported label.
+To a file, records go to `<output>.partial`, renamed to the output when the run
+ends (also when it is interrupted with Ctrl-C), so the output only ever holds a
+finished run's records and an older output stays until then. JSON Lines and
+CSV go out one record at a time, flushed: a live reader can tail the
+`.partial` file, and a killed run leaves it with complete lines only (and the
+older output untouched). JSON is one array written at the end, the only
+format that keeps records in memory.
+
+Every record written is valid in every format (`valid_record`): file names
+that are not UTF-8 keep their bytes as `\\xNN` escapes, and a record whose
+scores are not finite (a broken model's NaN) becomes an error record.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..output_files import OutputError, atomic_write, in_place, real_path
+
 FORMATS = ("jsonl", "json", "csv")
 CSV_COLUMNS = ("video", "summary", "start", "end", "rank", "label", "score", "error")
+NON_FINITE_ERROR = "the model gave scores that are not numbers (NaN or infinity)"
+
+
+def partial_path(path) -> Path:
+    """Where a record file is written until the run ends."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def valid_record(record: dict) -> dict:
+    """`record` as every format can write it: strings valid UTF-8 (a non-UTF-8 file name, which Python
+    holds as surrogate escapes, gets `\\xNN` escapes for its bad bytes), non-finite numbers None, and
+    a record with a non-finite score an error record without labels (its labels would mean nothing)."""
+    clean = _clean(record)
+    scores = [entry.get("score") for entry in record.get("top", [])]
+    if any(isinstance(score, float) and not math.isfinite(score) for score in scores):
+        clean["top"] = []
+        clean.setdefault("error", NON_FINITE_ERROR)
+    return clean
+
+
+def _clean(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_clean(key): _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return value
 
 
 class RecordWriter:
-    """Write records to `path` (stdout when None) in `fmt`; use as a context manager."""
+    """Write records to `path` (stdout when None) in `fmt`; use as a context manager.
+
+    Leaving the `with` block normally, or by KeyboardInterrupt once records were written, finishes
+    the output (renames `<path>.partial` onto `path`); any other exit leaves `path` as it was and
+    keeps the `.partial` file when it holds records. An existing `.partial` file (an interrupted or still
+    running run's) is never overwritten: OutputError. A failed write is an OutputError too.
+    """
 
     def __init__(self, path=None, fmt: str = "jsonl"):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-        self.fmt, self.records = fmt, []
-        self.file = open(path, "w", newline="", encoding="utf-8") if path else sys.stdout
-        self.csv = csv.DictWriter(self.file, CSV_COLUMNS) if fmt == "csv" else None
-        if self.csv:
+        self.fmt, self.records, self.written, self.count = fmt, [], 0, 0
+        self.path = Path(path) if path else None
+        self.partial = None
+        if self.path and in_place(self.path):  # /dev/null, /dev/stdout, a named pipe: written directly, never replaced
+            try:
+                self.file = open(self.path, "wb", buffering=0)
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+        elif self.path:
+            self.partial = partial_path(real_path(self.path))  # beside a symlink's target: the link is kept
+            try:
+                fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                raise OutputError(f"{self.partial}: exists (an interrupted run's records, or another run is writing "
+                                  f"to {self.path.name}); move it away or delete it") from None
+            except OSError as exc:
+                raise OutputError(f"{self.partial}: cannot write: {exc.strerror or exc}") from None
+            self.file = open(fd, "wb", buffering=0)  # unbuffered: `written` is what the file holds
+        else:
+            sys.stdout.flush()
+            self.file = sys.stdout.buffer
+        if fmt == "csv":
+            self.buffer = io.StringIO()
+            self.csv = csv.DictWriter(self.buffer, CSV_COLUMNS)
             self.csv.writeheader()
+            self._emit_csv()
 
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if self.fmt == "jsonl":
-            self.file.write(json.dumps(record) + "\n")
-        elif self.fmt == "csv":
+    def write(self, record: dict) -> dict:
+        """Write one record; returns it as written (see `valid_record`)."""
+        record = valid_record(record)
+        if self.fmt == "json":
+            self.records.append(record)
+        elif self.fmt == "jsonl":
+            self._emit(json.dumps(record, allow_nan=False) + "\n")
+        else:
             base = {k: record.get(k, "") for k in ("video", "start", "end", "error")}
             base["summary"] = bool(record.get("summary"))
             rows = [{**base, "rank": i + 1, **entry} for i, entry in enumerate(record.get("top", []))]
             self.csv.writerows(rows or [base])
-        self.file.flush()
+            self._emit_csv()
+        self.count += 1
+        return record
 
-    def close(self) -> None:
-        if self.fmt == "json":
-            json.dump(self.records, self.file, indent=1)
-            self.file.write("\n")
-        self.file.flush()
-        if self.file is not sys.stdout:
-            self.file.close()
+    def _emit_csv(self) -> None:
+        self._emit(self.buffer.getvalue())
+        self.buffer.seek(0)
+        self.buffer.truncate()
+
+    def _emit(self, text: str) -> None:
+        """Write and flush `text` whole; `written` counts the bytes of complete records."""
+        data = text.encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self.file.write(view):]
+            self.file.flush()
+        except OSError as exc:
+            raise OutputError(f"{self.path or 'stdout'}: cannot write the records: {exc.strerror or exc}") from None
+        self.written += len(data)
+
+    def close(self, finished: bool = True) -> None:
+        """End the output; for a file, `finished` renames `.partial` onto the output (else it is kept
+        when it holds records, removed when not)."""
+        try:
+            if finished and self.fmt == "json":
+                self._emit(json.dumps(self.records, indent=1, allow_nan=False) + "\n")
+            if self.partial:
+                os.ftruncate(self.file.fileno(), self.written)  # drop the end of a record cut short by Ctrl-C
+        except BaseException:
+            finished = False  # never rename an output that failed to finish into place
+            raise
+        finally:
+            if self.path:
+                self.file.close()
+            if self.partial and finished:
+                os.replace(self.partial, real_path(self.path))
+            elif self.partial and (not self.count or self.fmt == "json"):
+                self.partial.unlink(missing_ok=True)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(finished=exc_type is None or (issubclass(exc_type, KeyboardInterrupt) and self.count > 0))
 
 
 def plot_timeline(records: list[dict], path) -> Path:
@@ -80,7 +184,8 @@ def plot_timeline(records: list[dict], path) -> Path:
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as tmp:  # the format follows the output's suffix, not the temporary file's
+        fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:] or plt.rcParams["savefig.format"])
     plt.close(fig)
     return Path(path)
 
@@ -91,8 +196,9 @@ def write_overlay(source, records: list[dict], path) -> Path:
 
     from ..data.video import open_video, write_video
 
-    windows = [r for r in records if not r.get("summary") and r["video"] == str(source)]
-    summary = next((r for r in records if r.get("summary") and r["video"] == str(source)), {})
+    name = _clean(str(source))  # as the records spell it
+    windows = [r for r in records if not r.get("summary") and r["video"] == name]
+    summary = next((r for r in records if r.get("summary") and r["video"] == name), {})
     starts = [r["start"] for r in windows]
     container, stream = open_video(source)
     times: list = []
@@ -114,7 +220,8 @@ def write_overlay(source, records: list[dict], path) -> Path:
             draw.multiline_text((4, 4), text, fill=(255, 255, 255))
             yield np.asarray(image)
 
-    with container:
+    with container, atomic_write(path) as tmp:
         rate = float(stream.average_rate) if stream.average_rate else 25.0
-        return write_video(path, labelled_frames(), rate=rate, times=times)  # filled as frames are produced
+        write_video(tmp, labelled_frames(), rate=rate, times=times)  # `times` is filled as frames are produced
+    return Path(path)
 

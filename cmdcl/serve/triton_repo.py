@@ -16,17 +16,26 @@ frames of all clips and all cameras share frame-encoder batches.
 Configs are written as protobuf text; `validate_triton_repo` parses them with
 the `ModelConfig` schema that tritonclient ships and checks every tensor
 against the model files.
+
+Writing never touches what is not ours: the four model directories are
+written in a temporary directory next to the repository and then swapped in,
+one rename each, and an existing directory of one of those names is replaced
+only when its config.pbtxt carries our marker (first line `MARKER`, and the
+model's name); any other is an error and stays as it is, as does everything
+else in the repository.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from ..export.metadata import ModelFileError, graph_interface, read_metadata
+from ..export.metadata import ModelFileError, check_same_export, graph_interface, read_metadata
 from ..export.tensorrt_build import sidecar_path, split_pairs
+from ..output_files import temporary_dir
 
 ENGINE_FORMATS = ("onnx", "plan")
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -36,6 +45,8 @@ MODEL_FILES = {"onnx": "model.onnx", "plan": "model.plan"}
 PLATFORMS = {"onnx": ("onnxruntime", "onnxruntime_onnx"), "plan": ("tensorrt", "tensorrt_plan")}
 BLS_SOURCE = Path(__file__).with_name("triton_bls.py")
 SEQUENCE_IDLE_US = 60_000_000  # a camera silent for a minute loses its window
+MODEL_NAMES = ("frame_encoder", "head", CLIP_MODEL, STREAM_MODEL)
+MARKER = "# written by cmdcl-export"  # first line of our config.pbtxt files: only such model directories are replaced
 
 
 class TritonRepoError(ValueError):
@@ -68,6 +79,7 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
     model_onnx, repo = Path(model_onnx), Path(repo)
     meta = _read(model_onnx)
     sources = _engine_files(model_onnx, engine_format, engine, max_batch, max_frames)
+    check_triton_repo(repo, [("the model", model_onnx), *[(f"the {name} model", path) for name, path in sources.items()]])
     f, size, s, d = meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"]
     stride = stride_frames or int(meta["sampling"].get("stride_frames", max(1, f // 2)))
     if stride < 1:
@@ -119,26 +131,76 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
             "parameters": bls_parameters,
         },
     }
-    written = []
-    for name, config in configs.items():
+    with _staging_dir(repo) as staging:  # removed at the end, with the replaced model directories
+        for name, config in configs.items():
+            model_dir = staging / name
+            try:
+                (model_dir / "1").mkdir(parents=True)
+                if name in sources:
+                    shutil.copyfile(sources[name], model_dir / "1" / MODEL_FILES[engine_format])
+                    if engine_format == "plan":  # the engine's metadata travels with it
+                        shutil.copyfile(sidecar_path(sources[name]), sidecar_path(model_dir / "1" / MODEL_FILES["plan"]))
+                else:
+                    shutil.copyfile(BLS_SOURCE, model_dir / "1" / "model.py")
+                if name != "frame_encoder":
+                    (model_dir / LABELS_FILE).write_text(labels)
+                (model_dir / "config.pbtxt").write_text(f"{MARKER}\n{to_pbtxt(config)}\n")
+            except OSError as exc:
+                raise TritonRepoError(f"{repo / name}: cannot write the model ({exc.strerror or exc})") from None
+        for name in configs:
+            _swap_in(staging / name, repo / name, staging / f"{name}.old")
+    return [repo / name / "config.pbtxt" for name in configs]
+
+
+def check_triton_repo(repo, files=()) -> None:
+    """Raise TritonRepoError unless writing `repo` would replace only model directories of ours and
+    none of `files` ((description, path) pairs: the export's inputs and outputs) lies in them."""
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise TritonRepoError(f"{repo}: is not a directory")
+    for name in MODEL_NAMES:
         model_dir = repo / name
-        try:
-            if model_dir.exists():
-                shutil.rmtree(model_dir)
-            (model_dir / "1").mkdir(parents=True)
-            if name in sources:
-                shutil.copyfile(sources[name], model_dir / "1" / MODEL_FILES[engine_format])
-                if engine_format == "plan":  # the engine's metadata travels with it
-                    shutil.copyfile(sidecar_path(sources[name]), sidecar_path(model_dir / "1" / MODEL_FILES["plan"]))
-            else:
-                shutil.copyfile(BLS_SOURCE, model_dir / "1" / "model.py")
-            if name != "frame_encoder":
-                (model_dir / LABELS_FILE).write_text(labels)
-            (model_dir / "config.pbtxt").write_text(to_pbtxt(config) + "\n")
-        except OSError as exc:
-            raise TritonRepoError(f"{model_dir}: cannot write the model ({exc.strerror or exc})") from None
-        written.append(model_dir / "config.pbtxt")
-    return written
+        if (model_dir.exists() or model_dir.is_symlink()) and not _is_ours(model_dir, name):
+            raise TritonRepoError(f"{model_dir}: exists and was not written by cmdcl-export (its config.pbtxt lacks "
+                                  f"the line {MARKER!r}); refusing to replace it: move it or choose another repository")
+        for what, path in files:
+            if path is not None and Path(path).resolve().is_relative_to(model_dir.resolve()):
+                raise TritonRepoError(f"{what} {path} lies in {model_dir}, which writing the repository replaces")
+
+
+def _is_ours(model_dir: Path, name: str) -> bool:
+    """A real directory whose config.pbtxt starts with our marker and names model `name`."""
+    try:
+        lines = (model_dir / "config.pbtxt").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return not model_dir.is_symlink() and lines[:1] == [MARKER] and f"name: {json.dumps(name)}" in lines
+
+
+def _staging_dir(repo: Path):
+    """A temporary directory beside `repo`, or inside it when `repo` is a mount point (renames cannot
+    cross file systems) or its parent is read-only."""
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        parent = repo.resolve().parent
+        beside = os.stat(parent).st_dev == os.stat(repo).st_dev and os.access(parent, os.W_OK)
+        return temporary_dir(parent if beside else repo, repo.resolve().name)
+    except OSError as exc:
+        raise TritonRepoError(f"{repo}: cannot write the repository ({exc.strerror or exc})") from None
+
+
+def _swap_in(new: Path, target: Path, old: Path) -> None:
+    """Put `new` at `target`; a previous `target` (ours: checked) is moved to `old` first."""
+    moved = False
+    try:
+        if target.exists():
+            os.replace(target, old)
+            moved = True
+        os.replace(new, target)
+    except OSError as exc:
+        if moved:  # put the previous model back rather than leave none
+            os.replace(old, target)
+        raise TritonRepoError(f"{target}: cannot swap in the new model ({exc.strerror or exc})") from None
 
 
 def _read(path: Path) -> dict:
@@ -151,11 +213,14 @@ def _read(path: Path) -> dict:
 def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
     """frame_encoder / head model files to copy into the repository, checked."""
     onnx_parts = {role: model_onnx.with_name(f"{model_onnx.stem}.{role}.onnx") for role in ("frame_encoder", "head")}
+    model_meta = _read(model_onnx)
     for role, path in onnx_parts.items():
         if not path.is_file():
             raise TritonRepoError(f"{path}: no such file (the repository needs the split graphs; export with --split)")
-        if _read(path)["graph_role"] != role:
-            raise TritonRepoError(f"{path}: is not a {role} graph")
+        try:  # a split graph left from another export would serve another model than the clip model
+            check_same_export(model_onnx, model_meta, path, _read(path), role)
+        except ModelFileError as exc:
+            raise TritonRepoError(str(exc)) from None
     if engine_format == "onnx":
         return onnx_parts
     if engine is None:
