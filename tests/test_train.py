@@ -126,7 +126,7 @@ def test_cli_reports_bad_manifests_by_line(synth, tmp_path):
     video = synth["train"].parent / "train_00000.mp4"
     (tmp_path / "classes.txt").write_text("make tea\nfry egg\n")
     unknown = tmp_path / "unknown.csv"
-    unknown.write_text(f"path,label\n{video},make tea\n{video},bake bread\n")
+    unknown.write_text(f"path,label\n{video},make tea\n{video.with_name('train_00001.mp4')},bake bread\n")
     result = CliRunner().invoke(train_cli, ["--data", str(unknown), "--out", str(tmp_path / "x.pt")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{unknown}:3: unknown label 'bake bread'" in result.output

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .errors import clean_errors
+from .errors import clean_errors, fail
 
 
 @click.command(context_settings={"show_default": True})
@@ -22,21 +22,30 @@ from .errors import clean_errors
 def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, debug):
     """Evaluate a checkpoint: top-1/top-5 accuracy (single-label) or mAP
     (multi-label), with a per-class table. Labels must be among the
-    checkpoint's classes."""
+    checkpoint's classes. Videos that cannot be read are left out, each with
+    a warning line, and listed under "skipped" in the JSON."""
     from cmdcl.data.datasets import load_dataset
     from cmdcl.model import load_checkpoint
+    from cmdcl.output_files import atomic_write, check_outputs
     from cmdcl.train.loop import evaluate, pick_device
     from cmdcl.train.metrics import format_report
 
-    with clean_errors(debug):
-        model = load_checkpoint(ckpt)
-        dataset = load_dataset(data, split, model.class_names, target)
-        report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True)
-        report["checkpoint"], report["data"] = str(ckpt), dataset.source
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(report, f, indent=2)
+    try:
+        with clean_errors(debug):
+            check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data)])
+            model = load_checkpoint(ckpt)
+            dataset = load_dataset(data, split, model.class_names, target)
+            check_outputs([("--json", json_path)], [("a video of --data", e.path) for e in dataset.entries])
+            report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True)
+            report["checkpoint"], report["data"] = str(ckpt), dataset.source
+            if json_path:
+                with atomic_write(json_path) as tmp, open(tmp, "w") as f:
+                    json.dump(report, f, indent=2)
+    except KeyboardInterrupt:
+        fail("cmdcl-eval", "interrupted", 130, label=None)
     click.echo(format_report(report))
+    if report["skipped"]:
+        click.echo(f"warning: {len(report['skipped'])} of {len(dataset.entries)} videos could not be read and are not in these metrics", err=True)
 
 
 if __name__ == "__main__":

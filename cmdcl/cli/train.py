@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import clean_errors
+from .errors import clean_errors, fail
 
 
 @click.command(context_settings={"show_default": True})
@@ -38,13 +38,23 @@ def main(preset_name, val_data, debug, **options):
     """Train CMDCL and write a checkpoint with class names and dictionaries.
 
     Multi-GPU (or multi-process CPU): torchrun --nproc_per_node N $(which cmdcl-train) ...
+    Ctrl-C exits with status 130; OUT and OUT.resume keep the last completed epoch.
     """
+    from cmdcl.output_files import check_outputs
     from cmdcl.train.loop import TrainOptions, train
 
-    with clean_errors(debug):
-        opts = TrainOptions(preset=preset_name, val=val_data, **options)
-        command = shlex.join(["cmdcl-train", *sys.argv[1:]])
-        model = train(opts, command=command)
+    try:
+        with clean_errors(debug):
+            out = options["out"]  # before anything loads: the checkpoint and its resume state overwrite no input
+            check_outputs([("--out", out), ("--out's resume state", out + ".resume")],
+                          [("--data", options["data"]), ("--val", val_data), ("--classes", options["classes"]),
+                           ("--clip-weights", options["clip_weights"])])
+            opts = TrainOptions(preset=preset_name, val=val_data, **options)
+            command = shlex.join(["cmdcl-train", *sys.argv[1:]])
+            model = train(opts, command=command)
+    except KeyboardInterrupt:  # checkpoints are renamed into place whole: the last completed epoch is intact
+        fail("cmdcl-train", f"interrupted; {options['out']} and its .resume file keep the last completed epoch, if any "
+             "(continue with --resume)", 130, label=None)
     extra = model.checkpoint_extra
     if extra["history"]:
         last = extra["history"][-1]

@@ -13,21 +13,28 @@ The class order comes from `classes` when given (a list, or a text file with
 one name per line), else from `classes.txt` beside the manifest, else the
 sorted labels found. With `target="segments"` the labels are the segment
 names (multi-label, e.g. atomic-action recognition) and the default class file
-is `actions.txt`. Every problem raises ManifestError naming the file and line.
+is `actions.txt`. Files are UTF-8 (a byte-order mark is allowed). Every
+problem raises ManifestError naming the file and line: bad bytes, over-long
+fields, segment times that are not finite seconds >= 0 with start <= end,
+unknown labels, and a video listed twice.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGETS = ("label", "segments")
 CLASS_FILES = {"label": "classes.txt", "segments": "actions.txt"}
+MAX_PATH = 4096  # characters in a video path (Linux's PATH_MAX): longer ones are refused before any stat()
+MAX_NAME = 256  # characters in a class or segment name
 
 
 class ManifestError(ValueError):
-    """A manifest or annotation file that cannot be used; the message names it."""
+    """A manifest or annotation file that cannot be used (or a video it lists); the message names it."""
 
 
 @dataclass
@@ -42,6 +49,7 @@ class VideoEntry:
     path: Path
     labels: list[int]  # class indices (one for single-label data)
     segments: list[Segment] = field(default_factory=list)
+    listed_at: str = ""  # "file:line" that lists the video, when there is one (for messages)
 
 
 @dataclass
@@ -65,11 +73,69 @@ class VideoDataset:
         return hot
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """`text` quoted for a one-line message, shortened when long."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark is allowed); a file that cannot be read or
+    holds other bytes raises ManifestError naming it (and the line of the first bad byte)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"{path}:{line}: the {what} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
+
+
+def read_csv(path: Path, what: str) -> list[tuple[int, list[str]]]:
+    """The rows of a UTF-8 CSV file with the line each starts on; malformed CSV
+    (e.g. a field over csv's size limit) raises ManifestError naming the line."""
+    reader = csv.reader(io.StringIO(read_text(path, what), newline=""))
+    rows = []
+    try:
+        while True:
+            line = reader.line_num + 1
+            rows.append((line, next(reader)))
+    except StopIteration:
+        return rows
+    except csv.Error as exc:
+        raise ManifestError(f"{path}:{reader.line_num}: malformed {what} ({exc})") from None
+
+
+def check_name(name: str, where: str, what: str = "label") -> str:
+    """`name` if it is at most MAX_NAME characters (names end up in messages, prompts and outputs)."""
+    if len(name) > MAX_NAME:
+        raise ManifestError(f"{where}: {what} {shown(name)} is longer than {MAX_NAME} characters")
+    return name
+
+
+def check_segment(segment: Segment, where: str) -> Segment:
+    """`segment` if its times are finite seconds >= 0 with start <= end and it has a name."""
+    problem = (
+        "its times must be finite seconds" if not (math.isfinite(segment.start) and math.isfinite(segment.end))
+        else "it starts before 0 s" if segment.start < 0
+        else "it ends before it starts" if segment.end < segment.start
+        else "it has no name" if not segment.name
+        else None
+    )
+    if problem:
+        raise ManifestError(f"{where}: bad segment {shown(f'{segment.start:g}:{segment.end:g}:{segment.name}')}: {problem}")
+    check_name(segment.name, where, "segment name")
+    return segment
+
+
 def read_class_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such class list")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [check_name(line.strip(), f"{path}:{n}", "class name") for n, line in enumerate(read_text(path, "class list").splitlines(), start=1)]
+    names = [name for name in names if name]
     if not names:
         raise ManifestError(f"{path}: class list is empty")
     if len(set(names)) != len(names):
@@ -84,10 +150,8 @@ def _parse_segments(text: str, where: str) -> list[Segment]:
         try:
             start, end, name = float(pieces[0]), float(pieces[1]), pieces[2].strip()
         except (ValueError, IndexError):
-            raise ManifestError(f"{where}: bad segment {part!r}; expected start:end:name in seconds") from None
-        if end < start or not name:
-            raise ManifestError(f"{where}: bad segment {part!r}; need start <= end and a name")
-        segments.append(Segment(start, end, name))
+            raise ManifestError(f"{where}: bad segment {shown(part)}; expected start:end:name in seconds") from None
+        segments.append(check_segment(Segment(start, end, name), where))
     return segments
 
 
@@ -102,28 +166,41 @@ def read_manifest(path: str | Path, classes: list[str] | str | Path | None = Non
         classes = read_class_file(classes)
     elif classes is None and (path.parent / CLASS_FILES[target]).is_file():
         classes = read_class_file(path.parent / CLASS_FILES[target])
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or [c.strip() for c in rows[0][:2]] != ["path", "label"]:
-        raise ManifestError(f"{path}:1: the header must start with 'path,label' (optionally ',segments')")
-    header = [c.strip() for c in rows[0]]
+    rows = read_csv(path, "manifest")
+    if not rows:
+        raise ManifestError(f"{path}: the manifest is empty (expected a header 'path,label' and one line per video)")
+    if [c.strip() for c in rows[0][1][:2]] != ["path", "label"]:
+        raise ManifestError(f"{path}:{rows[0][0]}: the header must start with 'path,label' (optionally ',segments')")
+    header = [c.strip() for c in rows[0][1]]
     seg_col = header.index("segments") if "segments" in header else None
     parsed = []  # (line, video path, label names, segments)
-    for line, row in enumerate(rows[1:], start=2):
+    first_listed = {}  # video path -> line
+    for line, row in rows[1:]:
         if not row or not any(c.strip() for c in row):
             continue
         where = f"{path}:{line}"
         if len(row) < 2 or not row[0].strip():
             raise ManifestError(f"{where}: expected at least a path and a label")
+        if len(row[0].strip()) > MAX_PATH or "\0" in row[0]:
+            raise ManifestError(f"{where}: not a file path (a NUL byte, or over {MAX_PATH} characters): {shown(row[0].strip())}")
         video = Path(row[0].strip())
         video = video if video.is_absolute() else path.parent / video
-        if check_files and not video.is_file():
-            raise ManifestError(f"{where}: video file not found: {video}")
+        if video in first_listed:
+            raise ManifestError(f"{where}: {video} is already listed on line {first_listed[video]}")
+        first_listed[video] = line
+        if check_files:
+            try:
+                found = video.is_file()
+            except OSError as exc:  # e.g. a name over the file system's limit, a folder we may not enter
+                raise ManifestError(f"{where}: cannot use the path {shown(row[0].strip())} ({exc.strerror or exc})") from None
+            if not found:
+                raise ManifestError(f"{where}: video file not found: {video}")
         segments = _parse_segments(row[seg_col], where) if seg_col is not None and seg_col < len(row) else []
         if target == "label":
-            names = [n.strip() for n in row[1].split("|") if n.strip()]
+            names = [check_name(n.strip(), where) for n in row[1].split("|") if n.strip()]
         else:
-            names = list(dict.fromkeys(s.name for s in segments))
+            names = [s.name for s in segments]
+        names = list(dict.fromkeys(names))  # "tea|tea" is one label, not a multi-label row
         if not names:
             raise ManifestError(f"{where}: no {'label' if target == 'label' else 'segments'} given")
         parsed.append((line, video, names, segments))
@@ -136,8 +213,8 @@ def read_manifest(path: str | Path, classes: list[str] | str | Path | None = Non
     for line, video, names, segments in parsed:
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise ManifestError(f"{path}:{line}: unknown label {unknown[0]!r} (not in the {len(classes)} classes)")
-        entries.append(VideoEntry(video, [index[n] for n in names], segments))
+            raise ManifestError(f"{path}:{line}: unknown label {shown(unknown[0])} (not in the {len(classes)} classes)")
+        entries.append(VideoEntry(video, [index[n] for n in names], segments, f"{path}:{line}"))
     multi_label = target == "segments" or any(len(e.labels) > 1 for e in entries)
     return VideoDataset(entries, list(classes), multi_label, str(path))
 
@@ -146,7 +223,7 @@ def write_manifest(dataset: VideoDataset, path: str | Path) -> Path:
     """Write a dataset (e.g. one a dataset reader built) as a CSV manifest;
     paths under the manifest's folder are written relative to it."""
     path = Path(path)
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label", "segments"])
         for e in dataset.entries:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..output_files import atomic_write
 from .cmdcl import CMDCL, DICTIONARY_KEYS
 from .config import CMDCLConfig, class_name_problem, sampling_problem
 
@@ -57,9 +58,8 @@ def save_checkpoint(model: CMDCL, path: str | Path, extra: dict | None = None) -
         },
         "extra": dict(extra or {}),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:  # an interrupted save leaves the previous checkpoint as it was
+        torch.save(payload, tmp)
     return path
 
 
@@ -70,7 +70,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
-    tensor_bytes = _archive_tensor_bytes(path)
+    tensor_bytes = archive_tensor_bytes(path)
     try:  # mmap: the tensors stay in the file until their size has been checked against the config
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -107,7 +107,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: refused: its data is nested too deeply") from None
 
 
-def _archive_tensor_bytes(path: Path) -> int:
+def archive_tensor_bytes(path: Path) -> int:
     """The unpacked size of the tensors in torch's zip archive, read from its directory before
     anything is unpacked; refuses compressed entries (torch.save never writes them) and sizes
     beyond the MAX_ bounds."""

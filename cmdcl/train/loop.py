@@ -12,7 +12,8 @@ seeded random tower: see the README). AdamW with a lower learning rate for
 the video encoder, linear warm-up then cosine decay per step, bf16 autocast on
 GPU. Every random choice comes from `seed` and the epoch number, so a run is
 bitwise repeatable on CPU and `resume` continues exactly where the last
-completed epoch left off. Under `torchrun` (WORLD_SIZE > 1) it runs
+completed epoch left off (a resume file that does not fit the run's options,
+model or schedule is refused, never loaded as is). Under `torchrun` (WORLD_SIZE > 1) it runs
 DistributedDataParallel (NCCL on GPU, gloo on CPU), each process taking its
 share of every global batch.
 """
@@ -23,14 +24,18 @@ import dataclasses
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..cli.errors import describe, first_line
+from ..output_files import atomic_write
 from ..data.datasets import load_dataset
-from ..data.manifest import VideoDataset
+from ..data.manifest import ManifestError, VideoDataset, VideoEntry
 from ..model import CMDCL, CMDCLConfig, load_clip, preset, save_checkpoint
+from ..output_files import check_outputs
 from .dictionaries import build_dictionaries, extract_features
 from .metrics import classification_report
 from .text_init import resolve_method, text_init
@@ -42,6 +47,7 @@ ABLATIONS = {
     "no-both": {"textual_intervention": False, "visual_intervention": False},
 }
 RESUME_FORMAT = "cmdcl-resume"
+RESUME_KEYS = {"format", "epoch", "options", "model", "optimizer", "scheduler", "history", "text_init"}
 RESUME_FREE = ("out", "resume", "device", "cache_dir", "val")  # options a resumed run may change
 
 
@@ -81,26 +87,71 @@ def _dataset_fingerprint(dataset: VideoDataset) -> tuple:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    """torch.save through `atomic_write`: an interrupted save (Ctrl-C, full disk) leaves the previous file intact."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def decode_clips(dataset: VideoDataset, num_frames: int, size: int, cache_dir: str | None = None, progress: bool = False) -> torch.Tensor:
-    """uint8 [N, num_frames, size, size, 3]: centred frames of num_frames
-    equal segments of each video, decoded once (and cached in `cache_dir`)."""
+def _load_cached(path: Path, valid):
+    """The object cached in `path` if it loads and `valid(obj)`, else None (the caller rebuilds it and
+    overwrites the file): a damaged or stale cache costs time, never the run."""
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+        if valid(cached):
+            return cached
+    except Exception:
+        pass
     from tqdm import tqdm
 
-    from ..data.video import read_clip
+    tqdm.write(f"warning: {path}: unreadable or not the expected data; rebuilding it", file=sys.stderr)
+    return None
 
+
+def read_entry_clip(entry: VideoEntry, num_frames: int, size: int, *args) -> torch.Tensor:
+    """read_clip(entry.path, ...).frames; any failure, expected (VideoError) or not, raises
+    ManifestError naming the video and the manifest line that lists it."""
+    from ..data.video import VideoError, read_clip
+
+    try:
+        return torch.from_numpy(read_clip(entry.path, num_frames, size, *args).frames)
+    except Exception as exc:
+        where = f"{entry.listed_at}: " if entry.listed_at else ""
+        reason = str(exc) if isinstance(exc, VideoError) else f"{entry.path}: {describe(exc, VideoError)}"
+        raise ManifestError(f"{where}{reason}") from exc
+
+
+def decode_clips(dataset: VideoDataset, num_frames: int, size: int, cache_dir: str | None = None, progress: bool = False,
+                 skipped: dict[int, str] | None = None) -> torch.Tensor:
+    """uint8 [N, num_frames, size, size, 3]: centred frames of num_frames
+    equal segments of each video, decoded once (and cached in `cache_dir`).
+
+    A video that cannot be read raises ManifestError naming it; with `skipped`
+    it is left out instead (a warning line, its index and message added to
+    `skipped`), and the clips are those of the other videos in order."""
+    from tqdm import tqdm
+
+    shape = (len(dataset.entries), num_frames, size, size, 3)
     cache = None
     if cache_dir:
         cache = Path(cache_dir) / f"clips-{_cache_key(_dataset_fingerprint(dataset), num_frames, size)}.pt"
-        if cache.is_file():
-            return torch.load(cache, weights_only=True)
-    clips = torch.empty(len(dataset.entries), num_frames, size, size, 3, dtype=torch.uint8)
+        cached = _load_cached(cache, lambda t: isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == torch.uint8)
+        if cached is not None:
+            return cached
+    clips = torch.empty(shape, dtype=torch.uint8)
+    kept = 0
     for i, entry in enumerate(tqdm(dataset.entries, desc="decoding", disable=not progress, unit="video")):
-        clips[i] = torch.from_numpy(read_clip(entry.path, num_frames, size).frames)
+        try:
+            clips[kept] = read_entry_clip(entry, num_frames, size)
+            kept += 1
+        except ManifestError as exc:
+            if skipped is None:
+                raise
+            skipped[i] = first_line(exc)
+            tqdm.write(f"warning: skipped {skipped[i]}", file=sys.stderr)
+    if skipped:
+        return clips[:kept]  # not cached: the cache holds every video's clip
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save(clips, cache)
@@ -112,10 +163,8 @@ def random_offset_clips(dataset: VideoDataset, indices: torch.Tensor, seed: int,
     time within each of its F segments (seeded by seed, epoch and video)."""
     import numpy as np
 
-    from ..data.video import read_clip
-
     return torch.stack([
-        torch.from_numpy(read_clip(dataset.entries[i].path, num_frames, size, "random", np.random.default_rng([seed, epoch, i])).frames)
+        read_entry_clip(dataset.entries[i], num_frames, size, "random", np.random.default_rng([seed, epoch, i]))
         for i in indices.tolist()
     ])
 
@@ -212,9 +261,13 @@ def _dictionaries(model: CMDCL, clips: torch.Tensor, data_key: tuple, opts: Trai
     if opts.cache_dir:
         tower = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.video_encoder.state_dict().values())).hexdigest()[:16]
         cache = Path(opts.cache_dir) / f"features-{_cache_key(tower, data_key, clips.shape, model.cfg.token_grid)}.pt"
-    if cache is not None and cache.is_file():
-        features = torch.load(cache, weights_only=True)
-    else:
+
+    def of_these_clips(features) -> bool:
+        return (isinstance(features, dict) and features.keys() == {"frame", "patch"}
+                and all(isinstance(t, torch.Tensor) for t in features.values()) and len(features["frame"]) == clips.shape[0] * clips.shape[1])
+
+    features = _load_cached(cache, of_these_clips) if cache is not None else None
+    if features is None:
         model.eval()
         features = extract_features(model, clips.flatten(0, 1), device=device, progress=progress)
         if cache is not None:
@@ -223,13 +276,97 @@ def _dictionaries(model: CMDCL, clips: torch.Tensor, data_key: tuple, opts: Trai
     return build_dictionaries(features, model.cfg.num_bias, model.cfg.num_confounders, opts.seed, progress)
 
 
-def _check_resume(state: dict, opts: TrainOptions, path: Path) -> None:
+class ResumeError(ValueError):
+    """A resume file that cannot continue this run; the message names it."""
+
+
+def _read_resume(path: Path, opts: TrainOptions) -> dict:
+    """The resume state, loaded weights-only and memory-mapped (tensors are read only when loaded,
+    after their shapes are checked), with its plain fields checked against this run's options."""
+    from ..model.checkpoint import archive_tensor_bytes
+
+    try:
+        archive_tensor_bytes(path)  # as for checkpoints: a zip as torch.save writes it (no compressed entries), of bounded size
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # every way the file can be unreadable, as one line naming it
+        raise ResumeError(f"{path}: not a readable cmdcl-train resume file ({first_line(str(exc).removeprefix(f'{path}: '))})") from exc
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise ValueError(f"{path}: not a cmdcl-train resume file")
-    saved = state["options"]
+        raise ResumeError(f"{path}: not a cmdcl-train resume file")
+    if state.keys() != RESUME_KEYS:
+        raise ResumeError(f"{path}: not a complete cmdcl-train resume file (it holds {', '.join(sorted(map(str, state)))})")
+    saved = state["options"] if isinstance(state["options"], dict) else {}
     for key, value in dataclasses.asdict(opts).items():
         if key not in RESUME_FREE and saved.get(key) != value:
-            raise ValueError(f"{path}: cannot resume: it was trained with {key}={saved.get(key)!r}, not {getattr(opts, key)!r}")
+            raise ResumeError(f"{path}: cannot resume: it was trained with {key}={saved.get(key)!r:.60}, not {getattr(opts, key)!r}")
+    epoch, history = state["epoch"], state["history"]
+    if type(epoch) is not int or not 1 <= epoch <= opts.epochs:
+        raise ResumeError(f"{path}: cannot resume: epoch {epoch!r:.40} is not one of this run's epochs 1-{opts.epochs}")
+    if not (isinstance(history, list) and len(history) == epoch and all(
+            isinstance(h, dict) and h.keys() == {"epoch", "loss", "accuracy"} and h["epoch"] == n
+            and all(type(h[k]) is float for k in ("loss", "accuracy")) for n, h in enumerate(history, start=1))):
+        raise ResumeError(f"{path}: cannot resume: its history is not one loss and accuracy for each of its {epoch} epochs")
+    if state["text_init"] not in ("clip", "minilm", "random"):
+        raise ResumeError(f"{path}: cannot resume: unknown text init {state['text_init']!r:.40}")
+    return state
+
+
+def _tensor_problem(saved, expected: dict) -> str | None:
+    """Why the tensors `saved` cannot replace `expected` (name -> tensor), or None."""
+    if not isinstance(saved, dict) or saved.keys() != expected.keys():
+        return "different names"
+    for name, want in expected.items():
+        got = saved[name]
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            return f"{name} is not a {want.dtype} tensor of shape {tuple(want.shape)}"
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            return f"{name} holds NaN or infinite values"
+    return None
+
+
+def _same(a, b) -> bool:
+    """a == b, False where comparing them fails (e.g. a tensor where a number belongs)."""
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _restore(state: dict, path: Path, model: CMDCL, optimizer, scheduler, steps_per_epoch: int) -> None:
+    """Load a resume state into a fresh model, optimizer and scheduler, after checking that it is
+    this model's and sits exactly at the end of its epoch in this schedule: a file that does not
+    fit raises ResumeError instead of silently changing the model or the learning rates."""
+    step = state["epoch"] * steps_per_epoch
+
+    def refuse(problem: str):
+        raise ResumeError(f"{path}: cannot resume: {problem}")
+
+    problem = _tensor_problem(state["model"], model.state_dict())
+    if problem:
+        refuse(f"its model state does not fit this model ({problem})")
+    # The schedule after `step` steps, and the optimizer's settings that go with it.
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    schedule = {**scheduler.state_dict(), "last_epoch": step, "_step_count": step + 1, "_last_lr": lrs}
+    if not _same(state["scheduler"], schedule):
+        refuse(f"its learning-rate schedule is not at step {step} ({state['epoch']} epochs of {steps_per_epoch} batches; "
+               f"was the data changed?)")
+    saved, fresh = state["optimizer"], optimizer.state_dict()
+    groups = [{**group, "lr": lr} for group, lr in zip(fresh["param_groups"], lrs)]
+    if not (isinstance(saved, dict) and saved.keys() == fresh.keys() and _same(saved["param_groups"], groups)):
+        refuse("its optimizer settings (parameter groups, learning rates, weight decay) differ from this run's")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    moments = saved["state"]
+    if not isinstance(moments, dict) or not set(moments) <= set(range(len(params))):
+        refuse("its optimizer state is for another model")
+    for i, moment in moments.items():
+        expected = {"step": torch.tensor(float(step)), "exp_avg": params[i], "exp_avg_sq": params[i]}
+        problem = _tensor_problem(moment, expected)
+        if problem is None and not (moment["step"].item() == step and (moment["exp_avg_sq"] >= 0).all()):
+            problem = f"step {moment['step'].item():g} or negative second moments"
+        if problem:
+            refuse(f"its optimizer state does not fit this model at step {step} ({problem})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(saved)
+    scheduler.load_state_dict(state["scheduler"])
 
 
 def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_after: int | None = None) -> CMDCL:
@@ -254,12 +391,18 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
         raise ValueError("candidates must be >= 0")
 
     dataset = load_dataset(opts.data, "train", opts.classes, opts.target)
+    steps_per_epoch = len(dataset.entries) // opts.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{dataset.source}: {len(dataset.entries)} videos are fewer than one batch of {opts.batch_size}")
+    # --val is read now, so that a bad manifest is reported before training rather than after it.
+    val = load_dataset(opts.val, "test", dataset.classes, opts.target) if opts.val and main_process else None
     out = Path(opts.out)
     resume_path = out.with_name(out.name + ".resume")
+    check_outputs([("--out", out), ("--out's resume state", resume_path)],
+                  [("a training video", e.path) for e in dataset.entries] + [("a --val video", e.path) for e in (val.entries if val else [])])
     resume_state = None
-    if opts.resume and resume_path.is_file():
-        resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        _check_resume(resume_state, opts, resume_path)
+    if opts.resume and resume_path.exists():
+        resume_state = _read_resume(resume_path, opts)
     # Only the main process needs the text embedder and the dictionaries:
     # DDP copies its parameters and buffers to the others.
     fresh = main_process and resume_state is None
@@ -269,9 +412,6 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     # With candidates == 0 these centred clips only feed the dictionaries, which only a fresh main process builds.
     clips = decode_clips(dataset, num_frames * max(candidates, 1), size, opts.cache_dir, show) if candidates or fresh else None
     targets = dataset.targets(cfg.multi_label)
-    steps_per_epoch = len(dataset.entries) // opts.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{dataset.source}: {len(dataset.entries)} videos are fewer than one batch of {opts.batch_size}")
 
     model.to(device)
     if fresh:
@@ -282,9 +422,7 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(round(opts.warmup_epochs * steps_per_epoch), total))
     start_epoch, history = 0, []
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
+        _restore(resume_state, resume_path, model, optimizer, scheduler, steps_per_epoch)
         start_epoch, history, method = resume_state["epoch"], resume_state["history"], resume_state["text_init"]
 
     net = model
@@ -342,8 +480,7 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
             )
 
     model.checkpoint_extra = _extra(opts, command, method, history, dataset)
-    if main_process and opts.val and end_epoch == opts.epochs:
-        val = load_dataset(opts.val, "test", dataset.classes, opts.target)
+    if val is not None and end_epoch == opts.epochs:
         report = evaluate(model, val, cache_dir=opts.cache_dir, device=device, progress=show)
         model.checkpoint_extra["metrics"]["val"] = report
         save_checkpoint(model, out, model.checkpoint_extra)
@@ -381,9 +518,19 @@ def predict(model: CMDCL, clips: torch.Tensor, batch_size: int = 16, device="cpu
 
 
 def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, batch_size: int = 16, device="cpu", progress: bool = False) -> dict:
-    """Metrics of `model` on `dataset` (centred frames), see cmdcl.train.metrics."""
+    """Metrics of `model` on `dataset` (centred frames), see cmdcl.train.metrics.
+
+    Videos that cannot be read are left out with a warning line each (one bad
+    file should not cost a long evaluation); the report's `skipped` lists them
+    and `videos` counts those evaluated."""
     if dataset.classes != model.class_names:
         raise ValueError(f"{dataset.source}: its classes differ from the model's ({len(dataset.classes)} vs {len(model.class_names)})")
-    clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, progress)
+    skipped: dict[int, str] = {}
+    clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, progress, skipped)
+    if len(skipped) == len(dataset.entries):
+        raise ValueError(f"{dataset.source}: none of its {len(dataset.entries)} videos could be read")
+    dataset = dataclasses.replace(dataset, entries=[e for i, e in enumerate(dataset.entries) if i not in skipped])
     logits = predict(model, clips, batch_size, device, progress)
-    return classification_report(model.probabilities(logits), dataset.targets(model.cfg.multi_label), model.cfg.multi_label, model.class_names)
+    report = classification_report(model.probabilities(logits), dataset.targets(model.cfg.multi_label), model.cfg.multi_label, model.class_names)
+    report["skipped"] = list(skipped.values())
+    return report
