@@ -85,6 +85,8 @@ def test_directory_input_and_exit_codes(tiny_checkpoint, videos, tmp_path):  # n
     assert result.exit_code == 2 and "none.onnx: no such file" in result.output
     assert run([videos[0], "--engine", tiny_checkpoint, "--top-k", "0"]).exit_code == 2
     assert run([videos[0], "--engine", tiny_checkpoint, "--window", "3"]).exit_code == 2  # needs --mode stream
+    result = run([videos[0], "--engine", tiny_checkpoint, "--mode", "stream", "--window", "1e-7"])  # > 1000 grid frames/s
+    assert result.exit_code == 2 and "too short for" in result.output and "Traceback" not in result.output
     assert run([tmp_path / "nothing.mp4", "--engine", tiny_checkpoint]).exit_code == 3
 
 

@@ -72,8 +72,11 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     progress = _progress(len(sources), quiet)
     try:
         with writer:
-            recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
-                                    batch=batch, reconnect=Reconnect(tries=reconnect_tries), timeout=timeout, debug=debug)
+            try:
+                recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
+                                        batch=batch, reconnect=Reconnect(tries=reconnect_tries), timeout=timeout, debug=debug)
+            except ValueError as exc:  # options the model cannot honour, e.g. a window too short for its F frames
+                raise click.UsageError(str(exc)) from None
             produced = recognizer.predict_many(sources) if mode == "video" else recognizer.stream_many(sources)
             for record in produced:
                 record = writer.write(record)
