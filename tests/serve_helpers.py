@@ -89,14 +89,16 @@ def running_server(command, log_path: Path, ready_urls, env=None, timeout=120):
                 time.sleep(0.5)
             yield process
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # the test may have ended the server itself
+                os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
             if not _group_ended(process.pid, timeout=30):  # workers exit after the main process
-                os.killpg(process.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
                 pytest.fail(f"processes of {command[0]}'s group outlived it by 30 s after SIGTERM")
 
 

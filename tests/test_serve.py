@@ -8,6 +8,7 @@ offline runtime (ONNX Runtime on the same files) at DESIGN.md's fp32 tolerance.
 import importlib.util
 import json
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from serve_helpers import (
 from cmdcl.data.video import write_video
 from cmdcl.runtime import Recognizer, load_backend
 from cmdcl.serve.client import relative_error
-from cmdcl.serve.server import model_functions
+from cmdcl.serve.server import RequestError, model_functions
 
 MAX_BATCH = 4
 
@@ -156,12 +157,26 @@ def test_serves_on_loopback_only(server):
         assert listening.get(port) and listening[port] <= loopback, (port, listening.get(port))
 
 
-def test_model_functions_refuse_an_empty_batch(offline):
-    functions = model_functions(offline, top_k=2)
-    with pytest.raises(ValueError, match="empty batch"):
-        functions["cmdcl"](frames=np.zeros((0, 4, 32, 32, 3), np.uint8))
-    out = functions["cmdcl"](frames=np.zeros((1, 4, 32, 32, 3), np.uint8))
-    assert out["top_labels"].shape == (1, 2) and out["top_scores"].dtype == np.float32
+def test_model_functions_check_every_request_and_split_the_batch(offline):
+    """Triton's own checks miss a batch dimension >= 2^32 (read as 32 bits): the model
+    functions check each request again, before the batch is formed."""
+    functions = model_functions(offline, top_k=2, max_batch=MAX_BATCH)
+    good = SimpleNamespace(data={"frames": np.random.default_rng(2).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)})
+    for frames in (np.zeros((4, 32, 32, 3), np.uint8),  # [2^32, F, H, W, 3] arrives as one clip without its batch axis
+                   np.zeros((0, 4, 32, 32, 3), np.uint8), np.zeros((MAX_BATCH + 1, 4, 32, 32, 3), np.uint8),
+                   np.zeros((1, 4, 32, 32, 3), np.float32)):
+        bad = SimpleNamespace(data={"frames": frames})
+        with pytest.raises(RequestError, match=r"input 'frames' must be uint8 \[B, 4, 32, 32, 3\] with 1 <= B <= 4, got "):
+            functions["cmdcl"]([good, bad])
+    tokens = np.zeros((1, 4, *offline.encode_frames(np.zeros((1, 32, 32, 3), np.uint8)).shape[1:]), np.float32)
+    tokens[0, 1, 2, 3] = np.nan  # would come back as NaN logits, which Triton writes into its JSON answer
+    with pytest.raises(RequestError, match="input 'tokens' has NaN or infinite values"):
+        functions["head"]([SimpleNamespace(data={"tokens": tokens})])
+    one = SimpleNamespace(data={"frames": good.data["frames"][:1]})
+    answers = functions["cmdcl"]([one, good])  # the batch is split back per request
+    assert [a["top_labels"].shape for a in answers] == [(1, 2), (2, 2)] and answers[0]["top_scores"].dtype == np.float32
+    np.testing.assert_allclose(answers[1]["logits"], offline.classify_clips(good.data["frames"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(answers[0]["logits"], answers[1]["logits"][:1], rtol=1e-5, atol=1e-6)
 
 
 def test_serve_cli_errors(tmp_path):
@@ -171,8 +186,9 @@ def test_serve_cli_errors(tmp_path):
         result = CliRunner().invoke(main, ["--engine", str(tmp_path / "m.onnx")])
         assert result.exit_code == 2 and "make serve-venv" in result.stderr
     require_serve_venv()
-    result = subprocess.run([str(SERVE_BIN / "cmdcl-serve"), "--engine", str(tmp_path / "absent.onnx")],
-                            capture_output=True, text=True, timeout=60)
+    http, grpc = free_ports(2)
+    result = subprocess.run([str(SERVE_BIN / "cmdcl-serve"), "--engine", str(tmp_path / "absent.onnx"), "--http-port", str(http),
+                             "--grpc-port", str(grpc)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == f"cmdcl-serve: error: {tmp_path / 'absent.onnx'}: no such file"
 
 

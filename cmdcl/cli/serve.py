@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import signal
 import socket
 import sys
 
@@ -22,21 +21,28 @@ from .errors import fail, first_line
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the HTTP and gRPC endpoints bind to. Anything but loopback exposes the model to the network.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--no-http", is_flag=True, help="Serve gRPC only: one deeply nested JSON request crashes the bundled Triton's "
+              "HTTP endpoint (see --restart).")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
-              help="Triton's internal port (metrics are off).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Triton's Prometheus metrics (/metrics) on this port [default: metrics off].")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics port binds to.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
               help="Largest batch Triton's dynamic batcher forms across requests (clips for cmdcl/head, frames for frame_encoder).")
 @click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
               help="How long a request may wait for others to join its batch.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Labels per clip in the cmdcl model's top_labels/top_scores outputs.")
-@click.option("--debug", is_flag=True, help="Tracebacks for errors.")
-def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_batch, queue_delay_us, top_k, debug):
+@click.option("--restart", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Start tritonserver again, up to this many times, when it stops on its own; then exit 1.")
+@click.option("--debug", is_flag=True, help="Tracebacks for errors (also in the errors sent to clients).")
+def main(engine, backend, device, host, http_port, no_http, grpc_port, metrics_port, metrics_host, max_batch, queue_delay_us, top_k,
+         restart, debug):
     """Serve the runtime through PyTriton (the real Triton Inference Server; no GPU
     needed) with dynamic batching across requests. Models: `cmdcl` (uint8 clips
     [B, F, H, W, 3] -> logits, embedding, top_labels, top_scores), `frame_encoder`
-    and `head` (the streaming split). Stop with Ctrl-C or SIGTERM.
+    and `head` (the streaming split). Stop with Ctrl-C or SIGTERM (exit 0); a server
+    that stops on its own exits 1 with one line (after --restart restarts).
 
     Clients: `cmdcl-client classify VIDEO`, any tritonclient (HTTP or gRPC).
     """
@@ -45,37 +51,53 @@ def main(engine, backend, device, host, http_port, grpc_port, metrics_port, max_
     try:
         import pytriton  # noqa: F401  (fail here, with the fix, rather than inside serve)
 
-        from ..serve.server import ServeConfig, serve
+        from ..serve.server import ServeConfig, ServerDied, check_ports, serve
     except ImportError as exc:
         fail("cmdcl-serve", f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
              "make serve-venv, then .venv-serve/bin/cmdcl-serve", 2, debug, exc, reraise=True)
-    if len({http_port, grpc_port, metrics_port}) != 3:
+    http_port = None if no_http else http_port
+    ports = [port for port in (http_port, grpc_port, metrics_port) if port is not None]
+    if len(set(ports)) != len(ports):
         fail("cmdcl-serve", "--http-port, --grpc-port and --metrics-port must differ", 2, debug)
+    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                         metrics_host=metrics_host, max_batch=max_batch, queue_delay_us=queue_delay_us, top_k=top_k)
+    try:
+        check_ports(config)
+    except OSError as exc:
+        fail("cmdcl-serve", str(exc), 2, debug)
     try:
         model = load_backend(engine, backend, device)
     except BackendError as exc:
         fail("cmdcl-serve", str(exc), 2, debug, exc, reraise=True)
-    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                         max_batch=max_batch, queue_delay_us=queue_delay_us, top_k=top_k)
+    if not debug:  # PyTriton sends a failing request's traceback to the client: no frames, so no paths
+        sys.tracebacklimit = 0
 
     def ready(names):
+        metrics = f", metrics http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
+        http = f"http://{host}:{http_port} and " if http_port else ""
         click.echo(f"cmdcl-serve: serving {model.path} ({model.name}) as {', '.join(names)} on "
-                   f"http://{host}:{http_port} and grpc {host}:{grpc_port}", err=True)
-        if not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback:
+                   f"{http}grpc {host}:{grpc_port}{metrics}", err=True)
+        if not _is_loopback(host):
             click.echo(f"cmdcl-serve: warning: {host} is not a loopback address: anyone who can reach it can use "
                        "the model (Triton has no authentication here)", err=True)
+        if metrics_port and not _is_loopback(metrics_host):
+            click.echo(f"cmdcl-serve: warning: --metrics-host {metrics_host} is not a loopback address: anyone who can "
+                       "reach it can read the metrics", err=True)
 
-    signal.signal(signal.SIGTERM, _stop)  # leave the with-block: PyTriton stops tritonserver and its workers
+    def restarting(reason, n):
+        click.echo(f"cmdcl-serve: warning: {reason}; restarting it ({n} of {restart})", err=True)
+
     try:
-        serve(model, config, on_ready=ready)
-    except KeyboardInterrupt:
-        pass
-    except Exception as exc:  # PyTriton's start-up errors (a port in use, a model that fails to load)
+        serve(model, config, on_ready=ready, restarts=restart, on_restart=restarting)
+    except ServerDied as exc:
+        fail("cmdcl-serve", str(exc), 1, debug)
+    except Exception as exc:  # PyTriton's start-up errors (a model that fails to load)
         fail("cmdcl-serve", f"the server stopped: {first_line(exc)}", 2, debug, exc, reraise=True)
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt
+def _is_loopback(host: str) -> bool:
+    address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    return ipaddress.ip_address(address.split("%")[0]).is_loopback
 
 
 if __name__ == "__main__":

@@ -9,15 +9,32 @@ Three models, each with Triton's dynamic batching across requests:
     head           tokens fp32 [B, F, S, D]     -> logits [B, C], embedding [B, D]
 
 Triton checks dtypes and shapes against these configs and answers a bad request
-with an error; the model functions refuse an empty batch. Neither stops the
-server. The inference itself is the runtime's `Backend.infer` (ONNX Runtime,
-TensorRT or PyTorch), so served answers are the offline runtime's.
+with an error. It reads the batch dimension as 32 bits, though, so a request with
+a batch of 2^32 reaches the model functions with the wrong rank: they check every
+request again, and refuse NaN/inf tokens (`RequestError`; `cmdcl-serve` sets
+`sys.tracebacklimit = 0`, so PyTriton's answer carries our message, not our frames
+and paths). Neither stops the server. The
+inference itself is the runtime's `Backend.infer` (ONNX Runtime, TensorRT or
+PyTorch), so served answers are the offline runtime's.
+
+The models are in Triton's repository when tritonserver starts, so it opens its
+ports (and `/v2/health/ready` answers) only once they are loaded. tritonserver
+dying on its own (Triton 2.51's JSON parser recurses without a bound, so a request
+nested deeply enough crashes it) is `ServerDied`, after `restarts` restarts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
+import socket
+import sys
 import sysconfig
+import threading
+import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +47,30 @@ DEFAULT_TOP_K = 5
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
-    http_port: int = 8000
+    http_port: int | None = 8000  # None: gRPC only (Triton 2.51's JSON parser is the one a request can crash)
     grpc_port: int = 8001
-    metrics_port: int = 8002
+    metrics_port: int | None = None  # Prometheus metrics off unless a port is given
+    metrics_host: str = "127.0.0.1"
     max_batch: int = 8  # clips per cmdcl/head call, frames per frame_encoder call
     queue_delay_us: int = 2000  # how long Triton waits to fill a batch
     top_k: int = DEFAULT_TOP_K
+
+    def ports(self) -> dict:
+        """option name -> (address, port) of every port tritonserver will listen on."""
+        ports = {"--http-port": (self.host, self.http_port), "--grpc-port": (self.host, self.grpc_port)}
+        if self.http_port is None:
+            del ports["--http-port"]
+        if self.metrics_port is not None:
+            ports["--metrics-port"] = (self.metrics_host, self.metrics_port)
+        return ports
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer. PyTriton sends the message to the client."""
+
+
+class ServerDied(RuntimeError):
+    """tritonserver (or a model's worker) stopped without being asked to."""
 
 
 def python_library_env() -> None:
@@ -48,77 +83,198 @@ def python_library_env() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
-class _EmptyBatch(ValueError):
-    pass
+def check_ports(config: ServeConfig) -> None:
+    """Raise OSError naming the option and port when one cannot be listened on (another
+    process holds it, or the address is not this machine's): tritonserver would only
+    fail later, and PyTriton would wait two minutes for it."""
+    for option, (host, port) in config.ports().items():
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
+                probe.bind(address)
+                probe.listen()
+        except OSError as exc:
+            reason = "is in use by another process" if exc.errno == errno.EADDRINUSE else f"cannot be listened on ({exc.strerror or exc})"
+            raise OSError(f"{host}:{port} ({option}) {reason}") from None
 
 
-def model_functions(backend: Backend, top_k: int = DEFAULT_TOP_K) -> dict:
-    """name -> function(**inputs as batched numpy arrays) -> outputs; what each served model computes."""
+def inputs(info) -> dict:
+    """model name -> (input name, dtype, shape without the batch axis)."""
+    f, size, s, d = info.num_frames, info.image_size, info.tokens_per_frame, info.width
+    return {"cmdcl": ("frames", np.uint8, (f, size, size, 3)),
+            "frame_encoder": ("frames", np.uint8, (size, size, 3)),
+            "head": ("tokens", np.float32, (f, s, d))}
+
+
+def model_functions(backend: Backend, top_k: int = DEFAULT_TOP_K, max_batch: int = 8) -> dict:
+    """name -> function(list of PyTriton requests) -> list of output dicts; what each served model computes.
+    Each request is checked before the batch is formed (`RequestError`)."""
     classes = np.array([name.encode() for name in backend.info.classes], dtype=object)
     k = min(top_k, len(classes))
 
-    def checked(name, array):
-        if len(array) == 0:
-            raise _EmptyBatch(f"empty batch: input {name!r} has no rows")
-        return array
-
     def clips(frames):
-        outputs = backend.infer("model", {"frames": checked("frames", frames)})
+        outputs = backend.infer("model", {"frames": frames})
         probabilities = backend.probabilities(outputs["logits"])
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return {**outputs, "top_labels": classes[order],
                 "top_scores": np.take_along_axis(probabilities, order, axis=1).astype(np.float32)}
 
-    return {
-        "cmdcl": clips,
-        "frame_encoder": lambda frames: backend.infer("frame_encoder", {"frames": checked("frames", frames)}),
-        "head": lambda tokens: backend.infer("head", {"tokens": checked("tokens", tokens.astype(np.float32))}),
-    }
+    computes = {"cmdcl": clips,
+                "frame_encoder": lambda frames: backend.infer("frame_encoder", {"frames": frames}),
+                "head": lambda tokens: backend.infer("head", {"tokens": tokens})}
+    return {name: _batched(name, *spec, max_batch, computes[name]) for name, spec in inputs(backend.info).items()}
+
+
+def _batched(model, name, dtype, shape, max_batch, compute):
+    """What PyTriton's @batch does (one array from all requests, the outputs split back),
+    with every request checked first. PyTriton can only fail a whole batch: the error
+    goes to every request batched with a bad one. An unexpected failure is one line to
+    the clients, its traceback in the server log."""
+    expected = f"{np.dtype(dtype)} [B, {', '.join(map(str, shape))}] with 1 <= B <= {max_batch}"
+
+    def infer(requests):
+        arrays = []
+        for request in requests:
+            array = request.data.get(name)
+            if not isinstance(array, np.ndarray) or array.dtype != dtype or array.shape[1:] != shape \
+                    or not 1 <= len(array) <= max_batch:
+                got = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else "nothing"
+                raise RequestError(f"model {model!r}: input {name!r} must be {expected}, got {got}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():  # NaN in, NaN out: Triton would write it into JSON
+                raise RequestError(f"model {model!r}: input {name!r} has NaN or infinite values")
+            arrays.append(array)
+        try:
+            outputs = compute(np.concatenate(arrays))
+        except Exception as exc:  # the backend's own errors: the client learns the type, the log the rest
+            sys.stderr.write(f"cmdcl-serve: model {model!r} failed:\n" + "".join(traceback.format_exception(exc, limit=50)))
+            raise RequestError(f"model {model!r}: inference failed ({type(exc).__name__}); see the server log") from None
+        ends = np.cumsum([len(array) for array in arrays])
+        return [{key: value[end - len(array):end] for key, value in outputs.items()} for array, end in zip(arrays, ends)]
+
+    return infer
 
 
 def bind_models(triton, backend: Backend, config: ServeConfig) -> list[str]:
     """Bind the three models to a pytriton.triton.Triton; returns their names."""
-    from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     info = backend.info
-    f, size, s, d, c = info.num_frames, info.image_size, info.tokens_per_frame, info.width, len(info.classes)
+    s, d, c = info.tokens_per_frame, info.width, len(info.classes)
     k = min(config.top_k, c)
-    frames, clip = (size, size, 3), (f, size, size, 3)
     heads = [Tensor(name="logits", dtype=np.float32, shape=(c,)), Tensor(name="embedding", dtype=np.float32, shape=(d,))]
-    signatures = {
-        "cmdcl": ([Tensor(name="frames", dtype=np.uint8, shape=clip)],
-                  heads + [Tensor(name="top_labels", dtype=bytes, shape=(k,)),
-                           Tensor(name="top_scores", dtype=np.float32, shape=(k,))]),
-        "frame_encoder": ([Tensor(name="frames", dtype=np.uint8, shape=frames)],
-                          [Tensor(name="tokens", dtype=np.float32, shape=(s, d))]),
-        "head": ([Tensor(name="tokens", dtype=np.float32, shape=(f, s, d))], heads),
-    }
+    outputs = {"cmdcl": heads + [Tensor(name="top_labels", dtype=bytes, shape=(k,)),
+                                 Tensor(name="top_scores", dtype=np.float32, shape=(k,))],
+               "frame_encoder": [Tensor(name="tokens", dtype=np.float32, shape=(s, d))],
+               "head": heads}
     model_config = ModelConfig(max_batch_size=config.max_batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=config.queue_delay_us))
-    for name, function in model_functions(backend, config.top_k).items():
-        inputs, outputs = signatures[name]
-        triton.bind(model_name=name, infer_func=batch(function), inputs=inputs, outputs=outputs, config=model_config,
-                    strict=True)
-    return list(signatures)
+    specs = inputs(info)
+    for name, function in model_functions(backend, config.top_k, config.max_batch).items():
+        input_name, dtype, shape = specs[name]
+        triton.bind(model_name=name, infer_func=function, inputs=[Tensor(name=input_name, dtype=dtype, shape=shape)],
+                    outputs=outputs[name], config=model_config, strict=True)
+    return list(specs)
 
 
 def triton_config(config: ServeConfig):
     from pytriton.triton import TritonConfig
 
-    return TritonConfig(http_address=config.host, http_port=config.http_port, grpc_address=config.host,
-                        grpc_port=config.grpc_port, metrics_port=config.metrics_port, allow_metrics=False,
+    metrics = config.metrics_port is not None
+    return TritonConfig(allow_http=config.http_port is not None, http_address=config.host, http_port=config.http_port,
+                        grpc_address=config.host, grpc_port=config.grpc_port,
+                        grpc_infer_allocation_pool_size=0,  # else every rejected large gRPC request keeps its buffer
+                        allow_metrics=metrics, allow_cpu_metrics=metrics, allow_gpu_metrics=False,
+                        metrics_port=config.metrics_port, metrics_address=config.metrics_host if metrics else None,
                         exit_timeout_secs=5)
 
 
-def serve(backend: Backend, config: ServeConfig, on_ready=None) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM); `on_ready(model names)` runs once the models are loaded."""
+def serve(backend: Backend, config: ServeConfig, on_ready=None, restarts: int = 0, on_restart=None) -> None:
+    """Serve until SIGINT or SIGTERM (in the main thread). `on_ready(model names)` runs each
+    time the models are loaded. When tritonserver stops on its own, it is started again up
+    to `restarts` times (`on_restart(reason, n)` runs before each), then ServerDied is raised."""
     python_library_env()
-    from pytriton.triton import Triton
+    stopping = threading.Event()
 
-    with Triton(config=triton_config(config)) as triton:
+    def stop(signum, frame):
+        stopping.set()
+        raise KeyboardInterrupt  # leaves the wait; the with-block around it stops tritonserver and the workers
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    for attempt in range(restarts + 1):
+        try:
+            reason = _serve_once(backend, config, on_ready)
+        except ServerDied as exc:
+            reason = str(exc)
+        except KeyboardInterrupt:
+            if stopping.is_set():
+                return
+            raise
+        if stopping.is_set():
+            return
+        if attempt == restarts:
+            raise ServerDied(reason + (f", after {restarts} restart(s)" if restarts else ""))
+        if on_restart:
+            on_restart(reason, attempt + 1)
+
+
+def _serve_once(backend: Backend, config: ServeConfig, on_ready) -> str:
+    """One tritonserver, from start to its end; returns how it ended."""
+    from pytriton.triton import Triton, TritonLifecyclePolicy
+
+    # The models are bound before tritonserver starts, into its local repository, so it loads them
+    # before it opens its ports: until then /v2/health/ready cannot answer 200.
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    with Triton(config=triton_config(config), triton_lifecycle_policy=policy) as triton:
         names = bind_models(triton, backend, config)
-        triton.run()
+        with _watching_start(triton):
+            triton.run()
         if on_ready:
             on_ready(names)
-        triton.serve()
+        while triton.is_alive():  # tritonserver and every model's worker (PyTriton's serve() would start a dead server again)
+            time.sleep(0.5)
+        return _how_it_ended(triton)  # before the with-block stops a tritonserver that still runs
+
+
+@contextlib.contextmanager
+def _watching_start(triton):
+    """While PyTriton starts tritonserver and connects to it, a tritonserver that exits
+    (a port taken meanwhile, a crash) would make it wait two minutes for the server:
+    a watcher thread signals the main thread, which raises ServerDied at once."""
+    def died(signum, frame):
+        raise ServerDied(_how_it_ended(triton) + " while starting")
+
+    started = threading.Event()
+
+    def watch():
+        while not started.wait(0.2):
+            if _exit_code(triton) is not None:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                return
+
+    previous = signal.signal(signal.SIGUSR1, died)
+    watcher = threading.Thread(target=watch, name="cmdcl-serve-start-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        started.set()
+        watcher.join()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def _exit_code(triton) -> int | None:
+    """tritonserver's exit status (negative: killed by that signal), None while it runs or
+    before it started; read from PyTriton's private handle on the process (sh's)."""
+    process = getattr(getattr(getattr(triton, "_triton_server", None), "_tritonserver_running_cmd", None), "process", None)
+    return getattr(process, "exit_code", None)
+
+
+def _how_it_ended(triton) -> str:
+    code = _exit_code(triton)
+    if code is None:
+        return "the server stopped on its own (a model's worker ended)"
+    if code < 0 and -code in signal.valid_signals():
+        return f"the server stopped on its own (tritonserver killed by {signal.Signals(-code).name})"
+    return f"the server stopped on its own (tritonserver exit status {code})"
