@@ -18,8 +18,11 @@ from .errors import clean_errors, fail
 @click.option("--batch-size", default=16, type=click.IntRange(min=1))
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips here.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--sampling", default="exact", type=click.Choice(["exact", "keyframe"]),
+              help="exact: each segment's centre frame (as in training); keyframe: each segment's keyframe where it has one (faster).")
+@click.option("--workers", type=click.IntRange(min=1), help="Processes decoding videos at once; 1 decodes in the main process. Default: one per usable CPU core.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, debug):
+def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, sampling, workers, debug):
     """Evaluate a checkpoint: top-1/top-5 accuracy (single-label) or mAP
     (multi-label), with a per-class table. Labels must be among the
     checkpoint's classes. Videos that cannot be read are left out, each with
@@ -27,6 +30,7 @@ def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, de
     from cmdcl.data.datasets import load_dataset
     from cmdcl.model import load_checkpoint
     from cmdcl.output_files import atomic_write, check_outputs
+    from cmdcl.runtime.decode_pool import usable_cores
     from cmdcl.train.loop import evaluate, pick_device
     from cmdcl.train.metrics import format_report
 
@@ -36,8 +40,9 @@ def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, de
             model = load_checkpoint(ckpt)
             dataset = load_dataset(data, split, model.class_names, target)
             check_outputs([("--json", json_path)], [("a video of --data", e.path) for e in dataset.entries])
-            report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True)
-            report["checkpoint"], report["data"] = str(ckpt), dataset.source
+            report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True, sampling=sampling,
+                              workers=workers or usable_cores())
+            report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
             if json_path:
                 with atomic_write(json_path) as tmp, open(tmp, "w") as f:
                     json.dump(report, f, indent=2)

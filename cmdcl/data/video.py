@@ -9,6 +9,8 @@ Training, the runtime and the benchmarks all read video through this module:
   seeking would decode and how many one sequential pass would, and takes the
   cheaper. Only the sampled frames are converted to RGB. A source of more
   than MAX_SCAN_FRAMES frames (or a network stream that never ends) is refused.
+  `sampling="keyframe"` (inference): a segment that holds a keyframe takes
+  the one nearest its centre, decoded alone.
 - `iter_grid_frames(source, rate, size)`: (time, frame) on a fixed time grid
   from a file or a live source (rtsp://, http://, /dev/video*), for the
   streaming runtime; live sources reconnect with exponential back-off. A
@@ -32,6 +34,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import av
@@ -39,9 +42,15 @@ import numpy as np
 
 DEFAULT_TIMEOUT = 10.0  # seconds a network source may take to open, or to deliver the next packet
 GAP_GRID_STEPS, GAP_SECONDS = 3, 2.0  # a jump in time longer than both is a gap (see max_gap)
+KEYFRAME_SLACK = 0.1  # keyframes up to 10% further apart than the grid step still count as one per step (camera clocks jitter)
+KEYFRAME_GOPS = 2  # GOPs in a row that short before stream mode decodes keyframes only again, after GOPs too long
+MAX_GOP_PACKETS = 300  # decoding keyframes only keeps the packets since the last keyframe (to decode them again on falling back)
 RESIZE_ASPECT_LIMIT = 4  # frames longer than this times their width (or the reverse) are cropped before resizing
 MAX_SCAN_FRAMES = 2_000_000  # video mode's packet scan holds every frame's pts: 9 h at 60 fps, and a stream that never ends stops here
 
+SAMPLINGS = ("exact", "keyframe")  # read_clip's sampling: see there
+RUNTIME_SAMPLING = "keyframe"  # the runtime's default (README "Runtime" says why); training samples "exact"
+DECODER_THREADS = 0  # threads per decoder, 0: FFmpeg's choice (one per core); video mode's decoding processes set their share
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://", "/dev/video")
 
 
@@ -58,8 +67,9 @@ class Clip:
     frames: np.ndarray  # uint8 [F, size, size, 3], RGB
     times: np.ndarray  # float64 [F], seconds from the first frame's pts
     frames_decoded: int  # decoder output frames it took to get them
-    strategy: str  # "seek" or "sequential"
+    strategy: str  # "seek" or "sequential" (the plan for the exact samples); "keyframe" when every sample is a keyframe
     duration: float  # seconds spanned by the video stream
+    keyframes: int = 0  # samples taken as their segment's keyframe (sampling="keyframe"); each costs one decoded frame
 
 
 @dataclass
@@ -137,7 +147,15 @@ def open_video(source, timeout: float | None = DEFAULT_TIMEOUT):
         raise VideoError(source, "no video stream (audio only)" if "audio" in kinds else "no video stream")
     stream = videos[0]
     stream.thread_type = "AUTO"
+    stream.thread_count = DECODER_THREADS
     return container, stream
+
+
+def _damage(source) -> str:
+    """': a truncated or corrupt MP4/MOV file' when a local file FFmpeg fails to decode starts like a
+    video container (typically a file cut short), else nothing."""
+    kind = None if is_live(source) else _container_signature(source)
+    return f": a truncated or corrupt {kind} file" if kind else ""
 
 
 def _container_signature(path) -> str | None:
@@ -185,8 +203,15 @@ def _check_complete(path, container, stream, covered: float, interval: float) ->
 @dataclass
 class _Scan:
     frame_pts: list  # every frame's pts, sorted (display order)
-    keyframe_pts: list  # keyframes' pts, sorted
+    keyframe_pts: list  # pts of the packets flagged as keyframes, sorted
     interval: float  # median frame interval, seconds
+
+    @cached_property
+    def seek_points(self) -> list:
+        """Where decoding can start: the keyframes, and the first frame (decoding starts there either way)."""
+        if self.keyframe_pts and self.keyframe_pts[0] <= self.first:
+            return self.keyframe_pts
+        return [self.first, *self.keyframe_pts]
 
     @property
     def first(self) -> int:
@@ -216,8 +241,6 @@ def _scan(path, container, stream) -> _Scan:
         raise VideoError(path, f"truncated: no frame of the declared {declared:.2f} s" if declared else "undecodable (no video frames with timestamps)")
     frame_pts.sort()
     keyframe_pts.sort()
-    if not keyframe_pts or keyframe_pts[0] > frame_pts[0]:
-        keyframe_pts.insert(0, frame_pts[0])  # decoding starts at the first frame either way
     tb = float(stream.time_base)
     interval = float(np.median(np.diff(frame_pts))) * tb if len(frame_pts) > 1 else 0.0
     if stream.frames and len(frame_pts) < stream.frames:
@@ -232,7 +255,7 @@ def _seek_cost(scan: _Scan, targets: list) -> int:
     index = {pts: i for i, pts in enumerate(scan.frame_pts)}
     cost, position, gop = 0, None, None
     for target in targets:
-        keyframe = scan.keyframe_pts[bisect.bisect_right(scan.keyframe_pts, target) - 1]
+        keyframe = scan.seek_points[bisect.bisect_right(scan.seek_points, target) - 1]
         if keyframe != gop or position is None:
             gop, position = keyframe, index[keyframe] - 1
         cost += index[target] - position
@@ -288,19 +311,28 @@ def _decode_targets(path, container, stream, targets: list, size: int, out: dict
 
 
 class _Overshoot(Exception):
-    """A seek landed after the frame it was meant to reach."""
+    """A seek landed after the frame it was meant to reach (or a keyframe did not decode alone): decode in one pass instead."""
 
 
 def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np.random.Generator | None = None,
-              strategy: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> Clip:
+              strategy: str = "auto", timeout: float = DEFAULT_TIMEOUT, sampling: str = "exact") -> Clip:
     """F frames uniformly over the whole video (see `segment_times`), each
     resized so the shorter side is `size` and centre-cropped to size x size.
     Videos with fewer frames than F repeat frames. `strategy` "seek" or
     "sequential" forces a decoding plan (the benchmark compares them); "auto"
     takes the one that decodes fewer frames. A network source that takes
-    longer than `timeout` seconds to open or to send data raises VideoError."""
+    longer than `timeout` seconds to open or to send data raises VideoError.
+
+    `sampling` "keyframe" (inference only; training stays "exact"): a segment
+    that holds a keyframe is represented by the keyframe nearest its sample
+    time, decoded alone (one frame, where an exact sample can cost a whole GOP;
+    segment-based sampling accepts any frame of a segment). Segments without a
+    keyframe keep their exact sample, decoded by the plan above, which also
+    supplies the keyframes it passes anyway."""
     if strategy not in ("auto", "seek", "sequential"):
         raise ValueError(f"strategy must be 'auto', 'seek' or 'sequential', not {strategy!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be 'exact' or 'keyframe', not {sampling!r}")
     if is_endless(path):
         raise VideoError(path, "a live stream has no end to sample up to; use stream mode")
     container, stream = open_video(path, timeout)
@@ -311,34 +343,106 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
     times = segment_times(duration, num_frames, offsets, rng)
     # Each sample shows the frame on screen at its time: the last one with pts <= it.
     chosen = [scan.frame_pts[max(bisect.bisect_right(scan.frame_pts, scan.first + t / tb + 1e-9) - 1, 0)] for t in times]
-    targets = sorted(set(chosen))
-    sequential_cost = scan.frame_pts.index(targets[-1]) + 1
-    if strategy == "auto":
-        strategy = "seek" if _seek_cost(scan, targets) < sequential_cost else "sequential"
+    keyframes = [None] * num_frames
+    if sampling == "keyframe":
+        keyframes = _segment_keyframes(scan, tb, duration, times)
+        chosen = [key if key is not None else pts for key, pts in zip(keyframes, chosen)]
+    alone = sorted({key for key in keyframes if key is not None})
+    targets = sorted({pts for pts, key in zip(chosen, keyframes) if key is None})
+    if targets:  # the plan for the exact samples; keyframes it decodes anyway are taken from it
+        on_the_way = {"sequential": {key for key in alone if key <= targets[-1]},
+                      "seek": set(alone) & {group[0][1] for group in _gop_groups(scan, targets)}}
+        if strategy == "auto":
+            seek_cost = _seek_cost(scan, targets) + len(alone) - len(on_the_way["seek"])
+            sequential_cost = scan.frame_pts.index(targets[-1]) + 1 + len(alone) - len(on_the_way["sequential"])
+            strategy = "seek" if seek_cost < sequential_cost else "sequential"
+        targets, alone = sorted({*targets, *on_the_way[strategy]}), [key for key in alone if key not in on_the_way[strategy]]
     rgb: dict = {}
     decoded = 0
-    if strategy == "seek":
+    if alone:
         try:
+            decoded += _decode_keyframes(path, timeout, alone, size, rgb)
+        except _Overshoot:  # a keyframe that does not decode alone: every sample from one pass
+            strategy, targets = "sequential", sorted(set(chosen))
+    if targets:
+        if strategy == "seek":
+            try:
+                container, stream = open_video(path, timeout)
+                with container:
+                    for group in _gop_groups(scan, targets):
+                        container.seek(group[0][1], stream=stream, backward=True)
+                        decoded += _decode_targets(path, container, stream, [t for t, _ in group], size, rgb, after_seek=True)
+            except _Overshoot:  # an imprecise index: fall back to one pass
+                strategy = "sequential"
+        if strategy == "sequential":
             container, stream = open_video(path, timeout)
             with container:
-                for group in _gop_groups(scan, targets):
-                    container.seek(group[0][1], stream=stream, backward=True)
-                    decoded += _decode_targets(path, container, stream, [t for t, _ in group], size, rgb, after_seek=True)
-        except _Overshoot:  # an imprecise index: fall back to one pass
-            strategy, rgb = "sequential", {}
-    if strategy == "sequential":
+                decoded += _decode_targets(path, container, stream, targets, size, rgb, after_seek=False)
+    else:
+        strategy = "keyframe"
+    frames = np.stack([rgb[pts] for pts in chosen])
+    return Clip(frames, np.array([(pts - scan.first) * tb for pts in chosen]), decoded, strategy, duration,
+                sum(key is not None for key in keyframes))
+
+
+def _segment_keyframes(scan: _Scan, tb: float, duration: float, times) -> list:
+    """For each of the len(times) equal segments of [0, duration): the pts of its keyframe
+    nearest its sample time `times[i]`, or None when the segment holds no keyframe."""
+    step = duration / len(times)
+    key_times = [(pts - scan.first) * tb for pts in scan.keyframe_pts]
+    picks = []
+    for i, t in enumerate(times):
+        inside = range(bisect.bisect_left(key_times, i * step), bisect.bisect_left(key_times, (i + 1) * step))
+        picks.append(scan.keyframe_pts[min(inside, key=lambda k: abs(key_times[k] - t))] if inside else None)
+    return picks
+
+
+def _decode_keyframes(path, timeout, keyframes: list, size: int, out: dict) -> int:
+    """Decode each keyframe alone into `out`; return frames decoded. Each is reached by seeking
+    to it; from the first seek that lands past its keyframe (MPEG-TS seeks by decoding time), by
+    demuxing from the start instead, which reads packets but decodes only the keyframes'."""
+    decoded = 0
+
+    def decode_alone(packet, stream) -> None:
+        nonlocal decoded
+        frames = stream.codec_context.decode(packet) + stream.codec_context.decode(None)  # None drains the decoder
+        stream.codec_context.flush_buffers()  # ready for the next packet
+        if not frames:  # flagged as a keyframe, yet it needs frames before it
+            raise _Overshoot
+        decoded += len(frames)
+        out[packet.pts] = frame_to_rgb(frames[0], size)
+
+    try:
         container, stream = open_video(path, timeout)
         with container:
-            decoded += _decode_targets(path, container, stream, targets, size, rgb, after_seek=False)
-    frames = np.stack([rgb[pts] for pts in chosen])
-    return Clip(frames, np.array([(pts - scan.first) * tb for pts in chosen]), decoded, strategy, duration)
+            for key in keyframes:
+                container.seek(key, stream=stream, backward=True)
+                packet = next((p for p in container.demux(stream) if p.pts is not None and p.size and p.pts >= key), None)
+                if packet is None or packet.pts != key:
+                    break
+                decode_alone(packet, stream)
+        wanted = {key for key in keyframes if key not in out}
+        if wanted:
+            container, stream = open_video(path, timeout)
+            with container:
+                for packet in container.demux(stream):
+                    if packet.pts in wanted and packet.size:
+                        decode_alone(packet, stream)
+                        wanted.discard(packet.pts)
+                        if not wanted:
+                            break
+            if wanted:
+                raise VideoError(path, "undecodable: keyframes found by the packet scan are missing on a second read")
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_first_line(exc)})") from None
+    return decoded
 
 
 def _gop_groups(scan: _Scan, targets: list) -> list:
     """Targets grouped by GOP: [[(target, keyframe), ...], ...]."""
     groups: list = []
     for target in targets:
-        keyframe = scan.keyframe_pts[bisect.bisect_right(scan.keyframe_pts, target) - 1]
+        keyframe = scan.seek_points[bisect.bisect_right(scan.seek_points, target) - 1]
         if groups and groups[-1][0][1] == keyframe:
             groups[-1].append((target, keyframe))
         else:
@@ -353,14 +457,94 @@ def max_gap(rate: float) -> float:
     return max(GAP_GRID_STEPS / rate, GAP_SECONDS)
 
 
+@dataclass
+class GridStatus:
+    """How `iter_grid_frames` is decoding, kept up to date as it goes: read it after each grid frame."""
+
+    decode: str = "all"  # how the last grid frame was chosen: "all" (the frame on screen) or "keyframes" (see iter_grid_frames)
+    frames_decoded: int = 0  # decoder output frames so far
+
+
+class _KeyframeGate:
+    """Packet by packet, whether the decoder decodes every frame or keyframes only (FFmpeg's skip_frame "NONKEY").
+
+    Keyframes only from the first keyframe on, and again once the last KEYFRAME_GOPS GOPs (keyframe to keyframe,
+    from the demuxed packets) each spanned at most the grid step (give or take KEYFRAME_SLACK) and more than one
+    but at most MAX_GOP_PACKETS packets (an all-intra source has nothing to skip). Back to every frame as soon as
+    the current GOP grows past either bound: the decoder is drained and flushed and the GOP's packets, kept for
+    this, are decoded again from its keyframe, so every frame from there on is the one full decoding gives.
+    Starting with keyframes only is therefore safe, and it saves decoding the first GOPs of every source whose
+    keyframes are dense."""
+
+    def __init__(self, codec_context, time_base: float, step: float, enabled: bool):
+        self.codec_context, self.time_base, self.enabled = codec_context, time_base, enabled
+        self.limit = step * (1 + KEYFRAME_SLACK)
+        self.keyframes_only = False
+        self.key_pts, self.gop_packets = None, 0  # the last keyframe packet, packets since it
+        self.dense = KEYFRAME_GOPS  # short GOPs in a row; a source is taken to have them until one proves longer
+        self.gop: list = []  # while keyframes_only: the packets since the last keyframe, to decode again on falling back
+        self.key_out = None  # pts of the last keyframe decoded (it comes again when the GOP is decoded again)
+        self.last_pts = None  # the latest pts of any packet
+
+    def decode(self, packet) -> Iterator[tuple]:
+        """(frame, nearest) for each frame decoded after `packet`; nearest: a keyframe decoded keyframes-only."""
+        if packet.size and packet.pts is not None:
+            self.last_pts = packet.pts if self.last_pts is None else max(self.last_pts, packet.pts)
+            if packet.is_keyframe:
+                self._keyframe(packet.pts)
+            elif self.keyframes_only and (self._elapsed(packet.pts) > self.limit or len(self.gop) >= MAX_GOP_PACKETS):
+                yield from self._fall_back(packet)
+                return
+            self.gop_packets += 1
+            if self.keyframes_only:
+                self.gop.append(packet)
+        yield from self._frames(packet.decode(), self.keyframes_only)
+
+    def _elapsed(self, pts) -> float:
+        return (pts - self.key_pts) * self.time_base
+
+    def _keyframe(self, pts) -> None:
+        if self.key_pts is not None:  # the GOP this keyframe ends
+            dense = 0 < self._elapsed(pts) <= self.limit and 1 < self.gop_packets <= MAX_GOP_PACKETS  # 1: all-intra, nothing to skip
+            self.dense = self.dense + 1 if dense else 0
+        self.key_pts, self.gop_packets, self.gop = pts, 0, []
+        keyframes_only = self.enabled and self.dense >= KEYFRAME_GOPS
+        if keyframes_only != self.keyframes_only:  # switching at a keyframe: the decoder needs nothing before it
+            self.keyframes_only = keyframes_only
+            self.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
+
+    def _fall_back(self, packet) -> Iterator[tuple]:
+        yield from self._frames(self.codec_context.decode(None), True)  # drain: frames still inside the decoder
+        self.codec_context.flush_buffers()
+        self.codec_context.skip_frame = "DEFAULT"
+        replay, self.gop, self.keyframes_only, self.dense = [*self.gop, packet], [], False, 0
+        self.gop_packets = len(replay)
+        for kept in replay:
+            frames = [f for f in kept.decode() if not (f.key_frame and f.pts == self.key_out)]  # the keyframe, again
+            yield from self._frames(frames, False)
+
+    def _frames(self, frames, keyframes_only: bool) -> Iterator[tuple]:
+        for frame in frames:
+            if frame.key_frame:
+                self.key_out = frame.pts
+            yield frame, keyframes_only and frame.key_frame
+
+
 def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None = None, sleep=time.sleep,
-                     timeout: float = DEFAULT_TIMEOUT) -> Iterator[tuple[float, np.ndarray]]:
+                     timeout: float = DEFAULT_TIMEOUT, keyframes: bool = True,
+                     status: GridStatus | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (t, frame) for t = k / rate: the frame on screen at t (the last
     with pts <= t), uint8 [size, size, 3], each decoded frame converted at
     most once. k counts up by one, except after a gap: when the next frame
     comes more than `max_gap(rate)` after the one on screen, k jumps to that
     frame's time (consumers see the gap as a jump of more than one grid step).
     A jump backwards in time continues the grid after the frame on screen.
+
+    With `keyframes`, once the source's keyframes come at least once per grid
+    step (see _KeyframeGate) only keyframes are decoded and each grid time
+    takes the keyframe nearest to it (the earlier one on a tie); when they
+    become sparser, decoding goes back to every frame. `status.decode` says
+    which way the last grid frame was chosen.
 
     A file ends at its last frame (a truncated Matroska file raises VideoError
     after yielding its frames). A live source that fails to open, errors, stalls
@@ -370,10 +554,11 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     the file's; a reopened endless source goes on after the wall-clock time it
     was away. Reconnects without progress are counted (see Reconnect); too
     many raise VideoError."""
-    reconnect = reconnect or Reconnect()
+    reconnect, status = reconnect or Reconnect(), status or GridStatus()
     live, endless, gap = is_live(source), is_endless(source), max_gap(rate)
     grid_index, failures, run = 0, [], 0  # failures: clock times of reconnects without progress; run: in a row, for the back-off
     held = held_rgb = held_t = held_clock = None  # the frame on screen, its RGB once converted, its time, when it came
+    held_nearest = False  # the held frame is a keyframe decoded keyframes-only
     first, last_pts, shift = None, None, 0.0  # shift: seconds added to pts times (backward jumps, endless reconnects)
 
     def back_off(progress: bool, reason: str) -> None:
@@ -392,6 +577,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
         nonlocal grid_index, held_rgb
         while grid_index / rate < until or (inclusive and grid_index / rate == until):
             held_rgb = frame_to_rgb(held, size) if held_rgb is None else held_rgb
+            status.decode = "keyframes" if held_nearest else "all"
             yield grid_index / rate, held_rgb
             grid_index += 1
 
@@ -405,39 +591,48 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
             continue
         with container:
             tb = float(stream.time_base)
+            if endless:  # frame threads hold frames back and cost CPU: a live source needs low latency, not more than real time
+                stream.thread_type = "SLICE"
+            gate = _KeyframeGate(stream.codec_context, tb, 1 / rate, keyframes)
             if endless:  # a new connection, new pts: its first frame comes as long after the held one as the source was away
                 first, shift = None, (held_t + time.monotonic() - held_clock if held is not None else 0.0)
             resume_after, progress, dropped = last_pts, False, None  # a reopened file skips frames up to the last one read
             try:
-                for frame in container.decode(stream):
-                    if frame.pts is None or (not endless and resume_after is not None and frame.pts <= resume_after):
-                        continue
-                    resume_after, progress = None, True
-                    first = frame.pts if first is None else first
-                    t = shift + (frame.pts - first) * tb
-                    if held is not None and t < held_t - gap:  # timestamps jumped back: go on from the frame on screen
-                        shift, t = shift + held_t - t, held_t
-                    if held is not None and t > held_t + gap:  # a gap: end the grid at the held frame, restart it at this one
-                        yield from show_held(held_t, inclusive=True)
-                        grid_index = max(grid_index, math.ceil(t * rate - 1e-6))
-                    if held is not None:
-                        yield from show_held(t, inclusive=False)
-                    held, held_rgb, held_t, held_clock, last_pts = frame, None, t, time.monotonic(), frame.pts
+                for packet in container.demux(stream):
+                    for frame, nearest in gate.decode(packet):
+                        status.frames_decoded += 1
+                        if frame.pts is None or (not endless and resume_after is not None and frame.pts <= resume_after):
+                            continue
+                        resume_after, progress = None, True
+                        first = frame.pts if first is None else first
+                        t = shift + (frame.pts - first) * tb
+                        if held is not None and t < held_t - gap:  # timestamps jumped back: go on from the frame on screen
+                            shift, t = shift + held_t - t, held_t
+                        if held is not None and t > held_t + gap:  # a gap: end the grid at the held frame, restart it at this one
+                            yield from show_held(held_t, inclusive=True)
+                            grid_index = max(grid_index, math.ceil(t * rate - 1e-6))
+                        if held is not None:  # keyframes: the earlier one up to half way to the next
+                            yield from show_held((held_t + t) / 2 if nearest else t, inclusive=nearest)
+                        held, held_rgb, held_t, held_clock, last_pts, held_nearest = frame, None, t, time.monotonic(), frame.pts, nearest
+                        yield from show_held(t, inclusive=False)  # keyframes: the later one from half way on
                 if endless:
                     dropped = "the stream ended"
             except (av.error.FFmpegError, OSError) as exc:
                 if not live:
-                    raise VideoError(source, f"undecodable after {held_t or 0.0:.2f} s ({_first_line(exc)})") from None
+                    raise VideoError(source, f"undecodable after {held_t or 0.0:.2f} s ({_first_line(exc)}){_damage(source)}") from None
                 dropped = _first_line(exc)
             if dropped:
                 back_off(progress, f"stream dropped: {dropped}")
                 continue
             if held is None:
-                raise VideoError(source, "undecodable (no frame decoded)")
-            yield from show_held(held_t, inclusive=True)
+                raise VideoError(source, f"undecodable (no frame decoded){_damage(source)}")
+            end = held_t
+            if gate.keyframes_only:  # the frames after the last keyframe were not decoded: the grid still runs to the last one
+                end = max(held_t, shift + (gate.last_pts - first) * tb)
+            yield from show_held(end, inclusive=True)
             if not live:
                 interval = 1 / float(stream.average_rate) if stream.average_rate else 0.0
-                _check_complete(source, container, stream, held_t + interval, interval)
+                _check_complete(source, container, stream, end + interval, interval)
             return
 
 

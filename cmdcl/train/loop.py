@@ -109,46 +109,62 @@ def _load_cached(path: Path, valid):
     return None
 
 
-def read_entry_clip(entry: VideoEntry, num_frames: int, size: int, *args) -> torch.Tensor:
+def _entry_name(entry: VideoEntry) -> str:
+    """The video and the manifest line that lists it."""
+    return f"{entry.listed_at}: {entry.path}" if entry.listed_at else str(entry.path)
+
+
+def read_entry_clip(entry: VideoEntry, num_frames: int, size: int, *args, **kwargs) -> torch.Tensor:
     """read_clip(entry.path, ...).frames; any failure, expected (VideoError) or not, raises
     ManifestError naming the video and the manifest line that lists it."""
     from ..data.video import VideoError, read_clip
 
     try:
-        return torch.from_numpy(read_clip(entry.path, num_frames, size, *args).frames)
+        return torch.from_numpy(read_clip(entry.path, num_frames, size, *args, **kwargs).frames)
     except Exception as exc:
-        where = f"{entry.listed_at}: " if entry.listed_at else ""
-        reason = str(exc) if isinstance(exc, VideoError) else f"{entry.path}: {describe(exc, VideoError)}"
-        raise ManifestError(f"{where}{reason}") from exc
+        reason = exc.reason if isinstance(exc, VideoError) else describe(exc, VideoError)
+        raise ManifestError(f"{_entry_name(entry)}: {reason}") from exc
 
 
 def decode_clips(dataset: VideoDataset, num_frames: int, size: int, cache_dir: str | None = None, progress: bool = False,
-                 skipped: dict[int, str] | None = None) -> torch.Tensor:
+                 skipped: dict[int, str] | None = None, sampling: str = "exact", workers: int = 1) -> torch.Tensor:
     """uint8 [N, num_frames, size, size, 3]: centred frames of num_frames
-    equal segments of each video, decoded once (and cached in `cache_dir`).
+    equal segments of each video, decoded once (and cached in `cache_dir`);
+    `sampling` "keyframe" takes each segment's keyframe where it has one (see read_clip).
+    `workers` > 1 decodes that many videos at once, in processes (see cmdcl.runtime.decode_pool).
 
     A video that cannot be read raises ManifestError naming it; with `skipped`
     it is left out instead (a warning line, its index and message added to
     `skipped`), and the clips are those of the other videos in order."""
+    import contextlib
+
     from tqdm import tqdm
+
+    from ..runtime.decode_pool import Failure, check_workers, decoded_in_order
 
     shape = (len(dataset.entries), num_frames, size, size, 3)
     cache = None
     if cache_dir:
-        cache = Path(cache_dir) / f"clips-{_cache_key(_dataset_fingerprint(dataset), num_frames, size)}.pt"
+        cache = Path(cache_dir) / f"clips-{_cache_key(_dataset_fingerprint(dataset), num_frames, size, sampling)}.pt"
         cached = _load_cached(cache, lambda t: isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == torch.uint8)
         if cached is not None:
             return cached
     clips = torch.empty(shape, dtype=torch.uint8)
     kept = 0
-    for i, entry in enumerate(tqdm(dataset.entries, desc="decoding", disable=not progress, unit="video")):
-        try:
-            clips[kept] = read_entry_clip(entry, num_frames, size)
-            kept += 1
-        except ManifestError as exc:
+
+    def read(entry):  # numpy crosses from a decoding process as plain bytes
+        return read_entry_clip(entry, num_frames, size, sampling=sampling).numpy()
+
+    decoded = decoded_in_order(dataset.entries, read, check_workers(workers), ahead=2 * workers, name=_entry_name)
+    with contextlib.closing(decoded):
+        for i, (_, result) in enumerate(tqdm(decoded, total=len(dataset.entries), desc="decoding", disable=not progress, unit="video")):
+            if not isinstance(result, Failure):
+                clips[kept] = torch.from_numpy(result)
+                kept += 1
+                continue
             if skipped is None:
-                raise
-            skipped[i] = first_line(exc)
+                raise ManifestError(result.message)
+            skipped[i] = result.message
             tqdm.write(f"warning: skipped {skipped[i]}", file=sys.stderr)
     if skipped:
         return clips[:kept]  # not cached: the cache holds every video's clip
@@ -517,8 +533,10 @@ def predict(model: CMDCL, clips: torch.Tensor, batch_size: int = 16, device="cpu
     return torch.cat(out)
 
 
-def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, batch_size: int = 16, device="cpu", progress: bool = False) -> dict:
-    """Metrics of `model` on `dataset` (centred frames), see cmdcl.train.metrics.
+def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, batch_size: int = 16, device="cpu", progress: bool = False,
+             sampling: str = "exact", workers: int = 1) -> dict:
+    """Metrics of `model` on `dataset` (centred frames, or keyframes with `sampling` "keyframe"), see cmdcl.train.metrics;
+    `workers` > 1 decodes that many videos at once (see decode_clips).
 
     Videos that cannot be read are left out with a warning line each (one bad
     file should not cost a long evaluation); the report's `skipped` lists them
@@ -526,7 +544,7 @@ def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, 
     if dataset.classes != model.class_names:
         raise ValueError(f"{dataset.source}: its classes differ from the model's ({len(dataset.classes)} vs {len(model.class_names)})")
     skipped: dict[int, str] = {}
-    clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, progress, skipped)
+    clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, progress, skipped, sampling, workers)
     if len(skipped) == len(dataset.entries):
         raise ValueError(f"{dataset.source}: none of its {len(dataset.entries)} videos could be read")
     dataset = dataclasses.replace(dataset, entries=[e for i, e in enumerate(dataset.entries) if i not in skipped])
