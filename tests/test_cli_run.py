@@ -34,9 +34,9 @@ def test_jsonl_schema_stream_mode(tiny_checkpoint, videos, tmp_path):  # noqa: F
     records = [json.loads(line) for line in out.read_text().splitlines()]
     windows = [r for r in records if not r.get("summary")]
     summaries = [r for r in records if r.get("summary")]
-    assert [s["video"] for s in summaries] == [str(v) for v in videos[:2]]
+    assert sorted(s["video"] for s in summaries) == sorted(str(v) for v in videos[:2])  # sources are read in parallel
     for r in windows:
-        assert set(r) == {"video", "start", "end", "top", "window"}
+        assert set(r) == {"video", "start", "end", "top", "window", "decode", "dropped", "latency_s"}
         assert 0 <= r["start"] < r["end"] and r["end"] - r["start"] == pytest.approx(2.0)
         assert len(r["top"]) == 2
         check_top(r["top"])
@@ -70,8 +70,10 @@ def test_bad_inputs_do_not_stop_the_run(tiny_checkpoint, videos, tmp_path):  # n
         assert result.exit_code == 3, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("cmdcl-run: ")]
         assert len(errors) == len(bad)
+        if mode == "stream":  # sources are read side by side: their failures come in the order they happen
+            errors = [next(line for line in errors if line.startswith(f"cmdcl-run: {path}: ")) for path, _ in bad.values()]
         for (path, reason), line in zip(bad.values(), errors):
-            assert line.startswith(f"cmdcl-run: {path}: ") and reason in line
+            assert line.startswith(f"cmdcl-run: {path}: ") and reason in line.removeprefix(f"cmdcl-run: {path}: "), line
         records = [json.loads(line) for line in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
         good = [r for r in records if r.get("summary") and "error" not in r]
         assert [r["video"] for r in good] == [str(videos[0]), str(videos[1])]
@@ -129,3 +131,20 @@ def test_default_engine_is_the_demo_model(tmp_path, monkeypatch):
     record = json.loads(result.output.splitlines()[0])
     assert record["summary"] and record["top"]
     assert list((tmp_path / "cmdcl").glob("demo-*/model.head.onnx"))
+
+
+def test_keyframe_sampling_and_keyframe_grid_are_the_defaults_and_can_be_turned_off(tiny_checkpoint, videos):  # noqa: F811
+    """The test videos hold a keyframe every 1.2 s: each of the 4 one-second segments has one, and a 2 s grid step
+    (a 4-frame window of 8 s) is longer than the GOP."""
+    def records(*options):
+        result = run([videos[0], "--engine", tiny_checkpoint, *options])
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+
+    [default] = records()
+    [exact] = records("--sampling", "exact")
+    assert default["keyframes"] == 4 and exact["keyframes"] == 0
+    windows = [r for r in records("--mode", "stream", "--window", "8") if not r.get("summary")]
+    every_frame = [r for r in records("--mode", "stream", "--window", "8", "--decode", "all") if not r.get("summary")]
+    assert {r["decode"] for r in windows} == {"keyframes"} and {r["decode"] for r in every_frame} == {"all"}
+    assert run([videos[0], "--engine", tiny_checkpoint, "--decode", "all"]).exit_code == 2  # needs --mode stream

@@ -74,7 +74,7 @@ def scores(record):
 def assert_same_records(a, b, atol=1e-5):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k != "top"} == {k: v for k, v in y.items() if k != "top"}
+        assert {k: v for k, v in x.items() if k not in ("top", "latency_s")} == {k: v for k, v in y.items() if k not in ("top", "latency_s")}
         assert [e["label"] for e in x.get("top", [])] == [e["label"] for e in y.get("top", [])]
         assert np.allclose([e["score"] for e in x.get("top", [])], [e["score"] for e in y.get("top", [])], atol=atol)
 
@@ -205,7 +205,9 @@ def test_stream_batches_windows_of_several_sources(tiny_checkpoint, videos):
     apart = [r for v in videos for r in Recognizer(tiny_checkpoint, window=2.0, stride=1.0).stream(v)]
     key = lambda r: (r["video"], r.get("window", -1))  # noqa: E731
     assert_same_records(sorted(together, key=key), sorted(apart, key=key))
-    assert backend.head_windows == 3 * 3 and calls == 3  # three windows per video, one head call per step
+    # three windows per video; the windows due together share a head call (how many are due together depends on
+    # the readers' timing: test_stream_readers.py checks the batching with a model slower than decoding)
+    assert backend.head_windows == 3 * 3 and calls <= 3 * 3
 
 
 def test_stream_short_video_repeats_frames(tiny_checkpoint, tmp_path):

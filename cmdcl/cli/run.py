@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -25,14 +26,17 @@ EXIT_INPUT_FAILED = 3
 @click.option("--output", "-o", type=click.Path(), help="Write records here instead of stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), help="Record format. Default: from --output's suffix, else jsonl.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Video mode: videos per model call.")
+@click.option("--workers", type=click.IntRange(min=1), help="Video mode: processes decoding the next videos while the model runs; 1 decodes in the main process. Default: one per usable CPU core.")
+@click.option("--sampling", type=click.Choice(["keyframe", "exact"]), help="Video mode: keyframe (default) takes, in each of the F segments that holds one, the keyframe nearest its centre and decodes only that frame (same top-1 as exact on 99.3% of the synthetic test split, 4-11x less decoding on 720p files); exact takes each segment's centre frame, as training does.")
+@click.option("--decode", "grid_decode", type=click.Choice(["keyframes", "all"]), help="Stream mode: keyframes (default) decodes only keyframes while they come at least once per grid step, each grid time taking the nearest one, and every frame otherwise; all always decodes every frame.")
 @click.option("--plot", type=click.Path(), help="Stream mode: save a PNG of label scores over time.")
 @click.option("--overlay", type=click.Path(), help="Write a copy of the (single) input video with its labels drawn on it.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds any network open or read may wait before it fails (or reconnects).")
 @click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True, help="Live streams: reconnects that bring no new frame, within 5 minutes, before giving up.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Decoding statistics on stderr, and tracebacks for errors.")
-def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold, output, fmt, batch, plot, overlay, timeout, reconnect_tries, quiet,
-         debug):
+def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold, output, fmt, batch, workers, sampling, grid_decode, plot, overlay, timeout,
+         reconnect_tries, quiet, debug):
     """Classify each INPUT (a video file, a directory of videos, or a stream
     URL/device such as rtsp://..., http://..., /dev/video0) and write one JSON
     record per result.
@@ -46,7 +50,7 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     that cannot be loaded, 1 when an output cannot be written, 130 on Ctrl-C
     (143 on SIGTERM, which also ends the run cleanly).
     """
-    from ..data.video import Reconnect
+    from ..data.video import RUNTIME_SAMPLING, Reconnect
     from ..output_files import OutputError, check_outputs
     from ..runtime.backends import BackendError
     from ..runtime.output import RecordWriter, partial_path
@@ -61,6 +65,10 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
         raise click.UsageError("--overlay takes exactly one input")
     if (window or stride or plot) and mode != "stream":
         raise click.UsageError("--window, --stride and --plot need --mode stream")
+    if (workers or sampling) and mode != "video":
+        raise click.UsageError("--workers and --sampling apply to --mode video (stream mode reads each source in its own reader)")
+    if grid_decode and mode != "stream":
+        raise click.UsageError("--decode applies to --mode stream")
     outputs = [("--output", output), ("--output's temporary file", output and partial_path(output)), ("--plot", plot),
                ("--overlay", overlay)]
     try:  # before the model loads: a clash or an unwritable output is found at once
@@ -74,17 +82,19 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
         with writer:
             try:
                 recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
-                                        batch=batch, reconnect=Reconnect(tries=reconnect_tries), timeout=timeout, debug=debug)
+                                        batch=batch, reconnect=Reconnect(tries=reconnect_tries), timeout=timeout, debug=debug,
+                                        sampling=sampling or RUNTIME_SAMPLING, workers=workers, keyframe_grid=grid_decode != "all")
             except ValueError as exc:  # options the model cannot honour, e.g. a window too short for its F frames
                 raise click.UsageError(str(exc)) from None
             produced = recognizer.predict_many(sources) if mode == "video" else recognizer.stream_many(sources)
-            for record in produced:
-                record = writer.write(record)
-                if plot or overlay:  # kept only for them: a long stream's records are not held in memory
-                    records.append(record)
-                if record.get("summary"):
-                    progress.update(1)
-                    failed += _report(record, mode, debug, progress)
+            with contextlib.closing(produced):  # also on Ctrl-C: video mode's decoding processes end here
+                for record in produced:
+                    record = writer.write(record)
+                    if plot or overlay:  # kept only for them: a long stream's records are not held in memory
+                        records.append(record)
+                    if record.get("summary"):
+                        progress.update(1)
+                        failed += _report(record, mode, debug, progress)
     except BackendError as exc:  # a model that cannot be loaded, or one exported without the split graphs stream mode needs
         progress.close()
         fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
@@ -151,7 +161,8 @@ def _report(record: dict, mode: str, debug: bool, progress) -> int:
         return 1
     if debug and mode == "video":
         click.echo(f"cmdcl-run: {record['video']}: {record['strategy']} decoding, {record['frames_decoded']} frames "
-                   f"decoded for {record['frames']} sampled ({record['frames_decoded'] / record['frames']:.2f} per sampled)", err=True)
+                   f"decoded for {record['frames']} sampled ({record['frames_decoded'] / record['frames']:.2f} per sampled), "
+                   f"{record['keyframes']} samples taken as keyframes", err=True)
     return 0
 
 

@@ -2,17 +2,23 @@
 
 Records (one JSON object each, see README "Runtime"):
 
-    window   {"video", "start", "end", "top": [{"label", "score"}], "window": i}
+    window   {"video", "start", "end", "top": [{"label", "score"}], "window": i, "decode", "dropped", "latency_s"}
     summary  {"video", "summary": true, "mode", "start", "end", "top", ...}
     failure  {"video", "summary": true, "error": "<reason>"}
 
 Video mode classifies F frames sampled over the whole file (`read_clip`) with
-the full graph, `batch` files per call. Stream mode samples a fixed time grid
+the full graph, `batch` files per call, while `workers` processes decode the
+next files (see `cmdcl.runtime.decode_pool`). Stream mode samples a fixed time grid
 (F frames per `window` seconds), encodes each grid frame once, keeps its
 tokens in a ring buffer and classifies a window every `stride` seconds with
-the head graph, batching the windows of all sources into one head call. It
-reads at most `max_open_sources()` files at once (the others wait their
-turn). A gap in a source's time (see `cmdcl.data.video.max_gap`) starts the
+the head graph, batching the windows of all sources that are due into one
+head call. Each source is read in its own thread (`StreamReader`), so one
+that stalls delays no other; a live source the model cannot keep up with
+drops its oldest grid frames (`"dropped"`), a file never does. A window's
+`"decode"` is "keyframes" when all its frames were keyframes decoded alone
+(see `iter_grid_frames`), and `"latency_s"` the wall time from the arrival of
+its last frame to the record. It reads at most `max_open_sources()` files at
+once (the others wait their turn). A gap in a source's time (see `cmdcl.data.video.max_gap`) starts the
 ring buffer again: no window spans it, the first window after it carries
 `"gap_before": seconds`, and the summary counts `"gaps"`.
 
@@ -22,20 +28,25 @@ failure record and the other inputs go on.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import traceback
+import threading
+import time
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..cli.errors import first_line
-from ..data.video import DEFAULT_TIMEOUT, Reconnect, VideoError, is_endless, is_live, iter_grid_frames, list_videos, read_clip
+from ..data.video import DEFAULT_TIMEOUT, RUNTIME_SAMPLING, SAMPLINGS, Reconnect, VideoError, is_endless, is_live, iter_grid_frames, list_videos, read_clip
 from .backends import Backend, load_backend
+from .stream_readers import StreamReader
+from .decode_pool import Failure, check_workers, decoded_in_order, usable_cores
 
 ENCODER_BATCH = 64  # most frames per frame-encoder call
 MAX_OPEN_SOURCES = 64  # most files stream mode reads at once (fewer under a low open-files limit)
+READER_WAIT = 1.0  # seconds stream mode waits for its readers before it looks again (a reader wakes it sooner)
 MAX_GRID_RATE = 1000.0  # grid frames per second, as cmdcl.model.config bounds a model's sampling (not imported: it loads torch)
 
 
@@ -62,16 +73,24 @@ class Recognizer:
     single-label models the `top_k` best, dropping those under `threshold`.
     Network sources get `timeout` seconds to open and to send each packet;
     `debug` prints the traceback of an unexpected error on stderr (it still
-    becomes that input's failure record)."""
+    becomes that input's failure record). Video mode samples frames with
+    `sampling` ("keyframe", the default, or "exact" as training does; see
+    read_clip) and decodes files in `workers` processes (None: one per usable
+    core; 1: in this process).
+    Stream mode decodes only keyframes where they come once per grid step,
+    unless `keyframe_grid` is False (see iter_grid_frames)."""
 
     def __init__(self, engine=None, backend: str = "auto", device: str = "cpu", top_k: int = 5, threshold: float | None = None,
                  window: float | None = None, stride: float | None = None, batch: int = 1, reconnect: Reconnect | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, debug: bool = False):
+                 timeout: float = DEFAULT_TIMEOUT, debug: bool = False, sampling: str = RUNTIME_SAMPLING, workers: int | None = None,
+                 keyframe_grid: bool = True):
         self.backend = engine if isinstance(engine, Backend) else load_backend(engine, backend, device)
         info = self.backend.info
         self.info = info
         if top_k < 1 or batch < 1:
             raise ValueError("top_k and batch must be >= 1")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.top_k, self.batch = top_k, batch
@@ -89,13 +108,20 @@ class Recognizer:
         self.stride_frames = max(1, round(self.stride * self.grid_rate))
         self.reconnect = reconnect or Reconnect()
         self.timeout, self.debug = timeout, debug
+        self.keyframe_grid = keyframe_grid
+        self.workers = usable_cores() if workers is None else check_workers(workers)
+        self.sampling = sampling
 
     def _unexpected(self, exc: Exception) -> str:
         """The failure text for an error no reader anticipated (a bug, or a
         resource running out); with `debug` its traceback goes to stderr too."""
-        if self.debug:
-            traceback.print_exception(type(exc), exc, exc.__traceback__)
-        return f"unexpected {type(exc).__name__}: {first_line(exc)}"
+        return self._reason(Failure.of(exc))
+
+    def _reason(self, failure: Failure) -> str:
+        """A failure's text for its record; with `debug`, an unexpected error's traceback goes to stderr."""
+        if self.debug and failure.traceback:
+            print(failure.traceback, end="", file=sys.stderr)
+        return failure.reason
 
     # ---- scores to labels ----------------------------------------------------------------
     def top(self, probabilities: np.ndarray) -> list[dict]:
@@ -107,27 +133,31 @@ class Recognizer:
         return [{"label": self.info.classes[i], "score": round(float(probabilities[i]), 6)} for i in order]
 
     # ---- video mode ----------------------------------------------------------------------
+    def _read_clip(self, path):
+        return read_clip(path, self.info.num_frames, self.info.image_size, timeout=self.timeout, sampling=self.sampling)
+
     def predict(self, path) -> dict:
-        """The summary record of one video; raises VideoError for a file it cannot read."""
-        clip = read_clip(path, self.info.num_frames, self.info.image_size, timeout=self.timeout)
-        return self._video_records([(path, clip)])[0]
+        """The summary record of one video (decoded here); raises VideoError for a file it cannot read."""
+        return self._video_records([(path, self._read_clip(path))])[0]
 
     def predict_many(self, paths: Iterable) -> Iterator[dict]:
-        """Summary records in input order, `batch` videos per model call; a file
-        that cannot be read (for whatever reason) gives a failure record and the others go on."""
+        """Summary records in input order, `batch` videos per model call, the
+        next files decoding meanwhile (`workers`, at most `batch + 2 * workers`
+        clips ahead); a file that cannot be read (for whatever reason, its
+        decoding process killed included) gives a failure record and the others go on.
+        Closing the iterator stops the decoding processes."""
         paths = list(paths)
-        for start in range(0, len(paths), self.batch):
-            chunk, clips, failures = paths[start : start + self.batch], [], {}
-            for path in chunk:
-                try:
-                    clips.append((path, read_clip(path, self.info.num_frames, self.info.image_size, timeout=self.timeout)))
-                except VideoError as exc:
-                    failures[str(path)] = {"video": str(path), "summary": True, "error": exc.reason}
-                except Exception as exc:  # a bug or a resource running out: this input fails, the run goes on
-                    failures[str(path)] = {"video": str(path), "summary": True, "error": self._unexpected(exc)}
-            records = iter(self._video_records(clips) if clips else [])
-            for path in chunk:
-                yield failures.get(str(path)) or next(records)
+        decoded = decoded_in_order(paths, self._read_clip, self.workers, ahead=self.batch + 2 * self.workers)
+        with contextlib.closing(decoded):
+            for start in range(0, len(paths), self.batch):
+                chunk = [next(decoded) for _ in paths[start : start + self.batch]]
+                clips = [(path, clip) for path, clip in chunk if not isinstance(clip, Failure)]
+                records = iter(self._video_records(clips) if clips else [])
+                for path, clip in chunk:
+                    if isinstance(clip, Failure):
+                        yield {"video": str(path), "summary": True, "error": self._reason(clip)}
+                    else:
+                        yield next(records)
 
     def _video_records(self, clips: list) -> list[dict]:
         logits = self.backend.classify_clips(np.stack([clip.frames for _, clip in clips]))
@@ -135,7 +165,7 @@ class Recognizer:
         for (path, clip), probabilities in zip(clips, self.backend.probabilities(logits)):
             records.append({"video": str(path), "summary": True, "mode": "video", "start": 0.0, "end": round(clip.duration, 3),
                             "top": self.top(probabilities), "frames": len(clip.frames),
-                            "frames_decoded": clip.frames_decoded, "strategy": clip.strategy})
+                            "frames_decoded": clip.frames_decoded, "keyframes": clip.keyframes, "strategy": clip.strategy})
         return records
 
     # ---- stream mode ---------------------------------------------------------------------
@@ -150,77 +180,100 @@ class Recognizer:
     def stream_many(self, sources: Iterable) -> Iterator[dict]:
         """Window and summary records of several sources, windows batched into one head call.
 
-        At most `max_open_sources()` files are read at once, the others waiting
-        their turn; endless sources (rtsp, devices, ...) all start at once, as
-        they would never make room."""
+        Each source is read by its own thread (see `cmdcl.runtime.stream_readers`),
+        so a source that stalls or reconnects never holds up another's windows;
+        each step encodes the grid frames that are ready, from every source in one
+        batch, and classifies the windows due. At most `max_open_sources()` files
+        are read at once, the others waiting their turn; endless sources (rtsp,
+        devices, ...) all start at once, as they would never make room."""
         f, step, limit = self.info.num_frames, 1.0 / self.grid_rate, max_open_sources()
         sources = list(sources)
         waiting = deque(s for s in sources if not is_endless(s))
-        active = [self._open_stream(s) for s in sources if is_endless(s)]
-        while active or waiting:
-            while waiting and sum(not is_endless(s.source) for s in active) < limit:
-                active.append(self._open_stream(waiting.popleft()))
-            for stream in active:  # at most ENCODER_BATCH frames each: a stride longer than the window holds no more
-                stream.pull(min(f - len(stream.tokens) if stream.fresh else self.stride_frames, ENCODER_BATCH), step)
-            pending = [(stream, frame) for stream in active for frame in stream.pending]
-            for start in range(0, len(pending), ENCODER_BATCH):
-                chunk = pending[start : start + ENCODER_BATCH]
-                tokens = self.backend.encode_frames(np.stack([frame for _, (_, frame) in chunk]))
-                for (stream, (t, _)), token in zip(chunk, tokens):
-                    stream.tokens.append((t, token))
-                    stream.new += 1
+        wake = threading.Event()  # set by a reader with a new frame, or at its end
+        active: list[_Stream] = []
+        try:
+            active += [self._open_stream(s, wake) for s in sources if is_endless(s)]
+            while active or waiting:
+                while waiting and sum(not is_endless(s.source) for s in active) < limit:
+                    active.append(self._open_stream(waiting.popleft(), wake))
+                wake.clear()  # before taking: a frame that comes later wakes the wait below
+                took = False
+                for stream in active:  # at most ENCODER_BATCH frames each: a stride longer than the window holds no more
+                    took |= stream.pull(min(f - len(stream.tokens) if stream.fresh else self.stride_frames, ENCODER_BATCH), step)
+                pending = [(stream, item) for stream in active for item in stream.pending]
+                for start in range(0, len(pending), ENCODER_BATCH):
+                    chunk = pending[start : start + ENCODER_BATCH]
+                    tokens = self.backend.encode_frames(np.stack([item.frame for _, item in chunk]))
+                    for (stream, item), token in zip(chunk, tokens):
+                        item.frame = None  # the ring buffer keeps the tokens, not the pixels
+                        stream.tokens.append((item, token))
+                        stream.new += 1
+                for stream in active:
+                    stream.pending.clear()
+                due = [s for s in active if s.window_due(self.stride_frames)]
+                if due:
+                    logits = self.backend.classify_tokens(np.stack([s.window_tokens() for s in due]))
+                    for stream, probabilities in zip(due, self.backend.probabilities(logits)):
+                        yield stream.window_record(probabilities, self.top(probabilities), step)
+                ended = [s for s in active if s.ended]
+                for stream in ended:
+                    yield stream.summary(self.top, step)
+                    active.remove(stream)
+                for stream in active:
+                    stream.restart_after_gap(step)
+                if not took and not ended:
+                    wake.wait(READER_WAIT)
+        finally:  # done, stopped by the consumer, or Ctrl-C: no reader goes on
             for stream in active:
-                stream.pending.clear()
-            due = [s for s in active if s.window_due(self.stride_frames)]
-            if due:
-                logits = self.backend.classify_tokens(np.stack([s.window_tokens() for s in due]))
-                for stream, probabilities in zip(due, self.backend.probabilities(logits)):
-                    yield stream.window_record(probabilities, self.top(probabilities), step)
-            for stream in [s for s in active if s.ended]:
-                yield stream.summary(self.top, step)
-                active.remove(stream)
-            for stream in active:
-                stream.restart_after_gap(step)
+                stream.reader.stop()
 
-    def _open_stream(self, source) -> _Stream:
-        frames = iter_grid_frames(source, self.grid_rate, self.info.image_size, self.reconnect, timeout=self.timeout)
-        return _Stream(source, frames, self.info.num_frames, self._unexpected)
+    def _open_stream(self, source, wake: threading.Event) -> _Stream:
+        def open_frames(sleep, status):
+            return iter_grid_frames(source, self.grid_rate, self.info.image_size, self.reconnect, sleep=sleep, timeout=self.timeout,
+                                    keyframes=self.keyframe_grid, status=status)
+
+        capacity = min(ENCODER_BATCH, max(self.info.num_frames, self.stride_frames))
+        drop_after = 1.0 / self.grid_rate if is_endless(source) else None  # a live source: its next frame is due in one grid step
+        return _Stream(source, StreamReader(source, open_frames, capacity, drop_after, wake, self._unexpected), self.info.num_frames)
 
 
 class _Stream:
-    """One source's state in stream mode: grid frames not yet encoded, the ring
-    buffer of the last F frames' (time, tokens), and the running sum of the
-    window scores (for the summary; nothing grows with the stream's length)."""
+    """One source's state in stream mode: its reader, grid frames not yet
+    encoded, the ring buffer of the last F frames' (GridItem, tokens), and the
+    running sum of the window scores (for the summary; nothing grows with the
+    stream's length)."""
 
-    def __init__(self, source, frames: Iterator, num_frames: int, unexpected):
-        self.source, self.frames, self.unexpected = str(source), frames, unexpected
-        self.pending: list = []  # (t, frame) pulled, not yet encoded
+    def __init__(self, source, reader: StreamReader, num_frames: int):
+        self.source, self.reader = str(source), reader
+        self.pending: list = []  # GridItems taken, not yet encoded
         self.tokens: deque = deque(maxlen=num_frames)
         self.num_frames = num_frames
         self.new = 0  # frames encoded since the last window
         self.fresh = True  # no window since the ring buffer (re)started
         self.windows, self.score_sum, self.last_time = 0, 0.0, None
         self.after_gap, self.gap_before, self.gaps = None, None, 0  # the grid frame after a gap, held back; the gap; gaps so far
+        self.dropped, self.dropped_total = 0, 0  # grid frames the reader dropped since the last window, and in all
         self.ended, self.error = False, None
 
-    def pull(self, count: int, step: float) -> None:
-        """Read grid frames until `count` are pending, the source ends, or a gap
-        (a jump of more than one grid `step`) comes: the frame after it waits."""
-        while not self.ended and self.after_gap is None and len(self.pending) < count:
-            try:
-                t, frame = next(self.frames)
-            except StopIteration:
-                self.ended = True
-            except VideoError as exc:
-                self.ended, self.error = True, exc.reason
-            except Exception as exc:  # a bug or a resource running out: this source fails, the others go on
-                self.ended, self.error = True, self.unexpected(exc)
+    def pull(self, count: int, step: float) -> bool:
+        """Take the grid frames the reader has ready until `count` are pending or a
+        gap (a jump of more than one grid `step`, frames dropped aside) comes: the
+        frame after it waits. True when it took any."""
+        took = False
+        while self.after_gap is None and len(self.pending) < count:
+            item = self.reader.take()
+            if item is None:
+                break
+            took = True
+            self.dropped, self.dropped_total = self.dropped + item.dropped, self.dropped_total + item.dropped
+            if self.last_time is not None and item.t - self.last_time > (item.dropped + 1.5) * step:
+                self.after_gap = item
             else:
-                if self.last_time is not None and t - self.last_time > 1.5 * step:
-                    self.after_gap = (t, frame)
-                else:
-                    self.pending.append((t, frame))
-                    self.last_time = t
+                self.pending.append(item)
+                self.last_time = item.t
+        if self.after_gap is None and self.reader.finished:
+            self.ended, self.error = True, self.reader.error
+        return took
 
     def window_due(self, stride_frames: int) -> bool:
         """A full window `stride_frames` after the last, or the first one since the
@@ -234,12 +287,12 @@ class _Stream:
         """After a gap: the ring buffer starts again with the frame held back."""
         if self.after_gap is None:
             return
-        t, frame = self.after_gap
-        self.gap_before, self.gaps = round(t - self.last_time - step, 3), self.gaps + 1
+        item = self.after_gap
+        self.gap_before, self.gaps = round(item.t - self.last_time - step, 3), self.gaps + 1
         self.tokens.clear()
         self.fresh, self.new, self.after_gap = True, 0, None
-        self.pending.append((t, frame))
-        self.last_time = t
+        self.pending.append(item)
+        self.last_time = item.t
 
     def window_tokens(self) -> np.ndarray:
         tokens = [token for _, token in self.tokens]
@@ -248,11 +301,14 @@ class _Stream:
         return np.stack(tokens)
 
     def window_record(self, probabilities: np.ndarray, top: list, step: float) -> dict:
-        record = {"video": self.source, "start": round(self.tokens[0][0], 3), "end": round(self.tokens[-1][0] + step, 3),
-                  "top": top, "window": self.windows}
+        """The window's record; "latency_s" runs from its last frame's arrival from the reader to now."""
+        first, last = self.tokens[0][0], self.tokens[-1][0]
+        record = {"video": self.source, "start": round(first.t, 3), "end": round(last.t + step, 3), "top": top, "window": self.windows,
+                  "decode": "keyframes" if all(item.decode == "keyframes" for item, _ in self.tokens) else "all",
+                  "dropped": self.dropped, "latency_s": round(time.monotonic() - last.arrival, 3)}
         if self.gap_before is not None:
             record["gap_before"], self.gap_before = self.gap_before, None
-        self.windows, self.new, self.fresh = self.windows + 1, 0, False
+        self.windows, self.new, self.fresh, self.dropped = self.windows + 1, 0, False, 0
         self.score_sum = self.score_sum + probabilities
         return record
 
@@ -260,7 +316,7 @@ class _Stream:
         record = {"video": self.source, "summary": True, "mode": "stream"}
         if self.windows:
             record.update(start=0.0, end=round(self.last_time + step, 3), top=top(self.score_sum / self.windows), windows=self.windows,
-                          gaps=self.gaps)
+                          gaps=self.gaps, dropped=self.dropped_total)
         if self.error or not self.windows:
             record["error"] = self.error or "undecodable (no frame decoded)"
         return record

@@ -50,10 +50,10 @@ def input_shape(client, protocol: str, model: str = MODEL) -> list[int]:
 
 def clip_frames(client, protocol: str, video, model: str = MODEL) -> np.ndarray:
     """The F frames of `video` the model wants, sampled and resized like `cmdcl-run --mode video`."""
-    from ..data.video import read_clip
+    from ..data.video import RUNTIME_SAMPLING, read_clip
 
     f, size = input_shape(client, protocol, model)[:2]
-    return read_clip(video, f, size).frames
+    return read_clip(video, f, size, sampling=RUNTIME_SAMPLING).frames
 
 
 def infer(client, protocol: str, frames: np.ndarray, model: str = MODEL, outputs=OUTPUTS,
