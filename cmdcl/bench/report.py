@@ -25,6 +25,12 @@ def _percent(fraction) -> str:
     return "-" if fraction is None else f"{100 * fraction:.1f}%"
 
 
+def _ratio(comparison: dict) -> str:
+    """'1.82x', and the pipeline's efficiency where the comparison has one (decoding workers)."""
+    efficiency = comparison.get("efficiency")
+    return f"{comparison['speedup']:.2f}x" + ("" if efficiency is None else f" (pipeline efficiency {efficiency:.2f})")
+
+
 def text_report(report: dict) -> str:
     """Machine line, the records table, comparisons, floors and skipped stages."""
     m, s = report["machine"], report["settings"]
@@ -46,7 +52,7 @@ def text_report(report: dict) -> str:
         lines += ["", "comparisons (ratio of p50 latencies; > 1: the first named is faster):"]
         for c in report["comparisons"]:
             where = c.get("stage") or c.get("backend")
-            lines.append(f"  {c['comparison']}: {where}, batch {c['batch']}: {c['speedup']:.2f}x")
+            lines.append(f"  {c['comparison']}: {where}, batch {c['batch']}: {_ratio(c)}")
     for batch, floor in report["floors"].items():
         f = floor["flops"]
         lines.append(f"\nfloors per clip at batch {batch} (fp32 weights): {f['clip'] / 1e9:.2f} GFLOP (frame encoder "
@@ -83,7 +89,7 @@ def markdown(report: dict) -> str:
     if report["comparisons"]:
         lines += ["", "| comparison | stage / backend | batch | ratio of p50 (>1: first is faster) |", "|---|---|---|---|"]
         for c in report["comparisons"]:
-            lines.append(f"| {c['comparison']} | {c.get('stage') or c.get('backend')} | {c['batch']} | {c['speedup']:.2f}x |")
+            lines.append(f"| {c['comparison']} | {c.get('stage') or c.get('backend')} | {c['batch']} | {_ratio(c)} |")
     return "\n".join(lines) + "\n"
 
 

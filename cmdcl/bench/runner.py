@@ -12,10 +12,17 @@ For each backend, one at a time (so host memory is that backend's):
                     inside ONNX Runtime / TensorRT graphs it is not reachable alone)
     clip            Backend.classify_clips: the whole model on B clips of F frames
     end_to_end      Recognizer.predict_many: decode + classify B videos
+    end_to_end_workers  Recognizer.predict_many over a batch of WORKER_FILES videos, decoded in the main
+                    process ("end_to_end_serial") and by N worker processes ("end_to_end_parallel"),
+                    with the pipeline's efficiency (see measure_workers)
     stream_update   Recognizer.stream_many over B streams: one window update (decoding
                     the new grid frames, encoding them once, one head call); also
                     stream_update_model, the part of it spent in the backend
     long_video      read_clip on a long video, seek-based vs one sequential pass
+    stream_grid     live streams per CPU core at a 1 fps grid: Recognizer.stream_many over
+                    720p H.264 with a 1 s and a 2 s GOP, decoding every frame vs keyframes only
+    decode_per_sample  read_clip with exact and with keyframe sampling, on the bench video and
+                    the long one: time and frames decoded per sampled frame
 
 With no --engine the models are random-weight CMDCL models of the chosen
 preset (latency does not depend on the weights), saved as a checkpoint for
@@ -36,16 +43,17 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..data.video import frame_to_rgb, iter_grid_frames, open_video, read_clip
+from ..data.video import SAMPLINGS, frame_to_rgb, iter_grid_frames, open_video, read_clip
 from ..runtime.backends import Backend, BackendError, OrtBackend, TorchBackend, cache_dir, load_backend
+from ..runtime.decode_pool import usable_cores
 from ..runtime.recognizer import Recognizer
 from . import floors as floor_counts
 from ..cli.errors import first_line
 from .measure import PeakMemory, load_average, machine_info, measured_peaks, percentiles, time_calls, time_steps
 
 STAGES = ("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip", "end_to_end",
-          "stream_update", "long_video")  # fmt: skip
-MODEL_STAGES = ("frame_encoder", "head", "intervention", "clip", "end_to_end", "stream_update")
+          "end_to_end_workers", "stream_update", "long_video", "decode_per_sample", "stream_grid")  # fmt: skip
+MODEL_STAGES = ("frame_encoder", "head", "intervention", "clip", "end_to_end", "end_to_end_workers", "stream_update", "stream_grid")
 FLOP_STAGES = {"frame_encoder": "frame_encoder", "head": "head", "intervention": "intervention_op", "clip": "clip"}
 
 # Bench videos: synthetic (FFmpeg's testsrc2 pattern), 720p H.264, generated once into the cache.
@@ -53,6 +61,10 @@ VIDEO_SIZE, VIDEO_RATE = (1280, 720), 30
 BENCH_GOP_SECONDS = 2  # a common keyframe interval
 LONG_GOP_SECONDS = 10  # sparse keyframes: seeking has to decode up to 300 frames per target
 LONG_ITERS = 3  # a sequential pass over 10 minutes of 720p takes tens of seconds
+STREAM_GRID_RATE, STREAM_GRID_SECONDS, STREAM_GRID_GOPS = 1.0, 60.0, (1, 2)  # stream_grid: grid frames per second, video length, GOPs (s)
+STREAM_GRID_ITERS = 3  # stream_grid runs per decoding mode and GOP (each reads the whole video)
+WORKER_FILES = 16  # videos per end_to_end_workers call (at least 4 per worker)
+WORKER_ITERS = 3  # most end_to_end_workers calls per worker count (each decodes WORKER_FILES videos)
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,9 @@ class BenchSettings:
     long_video: Path | None = None  # default: a generated 720p H.264 with sparse keyframes
     long_minutes: float = 10.0
     stride_frames: int | None = None  # stream mode; default the model's (F/2)
+    sampling: str = "exact"  # read_clip's sampling in decode_video and end_to_end
     cuda_graphs: bool = False
+    workers: int | None = None  # end_to_end_workers' N; default: the usable cores
 
 
 @dataclass
@@ -122,6 +136,8 @@ class Record:
     gflops_per_s: float | None = None  # FLOP floor of the stage / p50
     peak_flops_fraction: float | None = None  # of the measured GEMM peak
     floor_bytes_fraction: float | None = None  # clip: byte floor per second / measured copy bandwidth
+    frames_per_sample: float | None = None  # video mode: frames decoded per sampled frame
+    pipeline_efficiency: float | None = None  # end_to_end_parallel: max(decoding / N, model) / end to end; 1.0 is perfect overlap
 
 
 class TorchVariantBackend(TorchBackend):
@@ -215,7 +231,8 @@ class Bench:
                 grid_rate = info.num_frames / info.window_seconds
                 stride_frames = s.stride_frames or max(1, round(info.stride_seconds * grid_rate))
                 self.stride_seconds = stride_frames / grid_rate
-                if set(s.stages) & {"decode_video", "decode_stream", "preprocess", "end_to_end", "stream_update"}:
+                if set(s.stages) & {"decode_video", "decode_stream", "preprocess", "end_to_end", "end_to_end_workers", "stream_update",
+                                    "decode_per_sample"}:  # fmt: skip
                     video = self.bench_video(info, stride_frames)
                 self.video_stages(info, video)
             stages = [stage for stage in MODEL_STAGES if stage in s.stages]
@@ -363,9 +380,10 @@ class Bench:
         f, size = info.num_frames, info.image_size
         s = self.s
         if "decode_video" in s.stages:
-            duration = read_clip(video, f, size).duration
-            self.measure("pyav", "decode_video", 1, lambda: read_clip(video, f, size), clips=1, video_seconds=duration,
-                         note=f"{f} frames, {_video_label(video)}")  # fmt: skip
+            clip = read_clip(video, f, size, sampling=s.sampling)
+            self.measure("pyav", "decode_video", 1, lambda: read_clip(video, f, size, sampling=s.sampling), clips=1,
+                         video_seconds=clip.duration, note=f"{f} frames ({s.sampling} sampling), {_video_label(video)}")  # fmt: skip
+            self.records[-1].frames_per_sample = round(clip.frames_decoded / f, 3)
         if "decode_stream" in s.stages:
             grid_rate = f / info.window_seconds
             with PeakMemory() as memory:
@@ -376,8 +394,10 @@ class Bench:
             decoded = first_frames(video, f)
             self.measure("pyav", "preprocess", 1, lambda: [frame_to_rgb(frame, size) for frame in decoded], clips=1,
                          note=f"{f} frames {decoded[0].width}x{decoded[0].height} -> {size}x{size} RGB")  # fmt: skip
-        if "long_video" in s.stages:
+        long_video = None
+        if {"long_video", "decode_per_sample"} & set(s.stages):
             long_video = Path(s.long_video) if s.long_video else synthetic_video(s.long_minutes * 60, LONG_GOP_SECONDS, self.log)
+        if "long_video" in s.stages:
             iters = min(s.iters, LONG_ITERS)
             for strategy in ("seek", "sequential"):
                 clip = read_clip(long_video, f, size, strategy=strategy)  # also the warm-up (file cache)
@@ -385,6 +405,18 @@ class Bench:
                              clips=1, video_seconds=clip.duration, iters=iters, warmup=0,
                              note=f"{clip.frames_decoded} frames decoded for {f} ({clip.strategy}), {_video_label(long_video)}, "
                                   f"iters capped at {LONG_ITERS}")  # fmt: skip
+        if "decode_per_sample" in s.stages:
+            self.measure_sampling(video, f, size, "", s.iters)
+            self.measure_sampling(long_video, f, size, "_long", min(s.iters, LONG_ITERS))
+
+    def measure_sampling(self, video: Path, f: int, size: int, suffix: str, iters: int) -> None:
+        """read_clip of `video` with each sampling, one after the other: decode time and frames decoded per sampled frame."""
+        for sampling in SAMPLINGS:
+            clip = read_clip(video, f, size, sampling=sampling)  # also the warm-up (file cache)
+            self.measure("pyav", f"decode_per_sample_{sampling}{suffix}", 1, lambda sa=sampling: read_clip(video, f, size, sampling=sa),
+                         clips=1, video_seconds=clip.duration, iters=iters, warmup=0,
+                         note=f"{clip.frames_decoded} frames decoded for {f} ({clip.keyframes} keyframes), {_video_label(video)}")  # fmt: skip
+            self.records[-1].frames_per_sample = round(clip.frames_decoded / f, 3)
 
     # ---- model stages -------------------------------------------------------------------------
     def measure_model_stage(self, backend: Backend, name: str, stage: str, batch: int, video: Path | None) -> None:
@@ -406,12 +438,17 @@ class Bench:
                 frames = rng.integers(0, 256, (batch, f, size, size, 3), dtype=np.uint8)
                 self.measure(name, stage, batch, lambda: backend.classify_clips(frames), clips=batch, engine=engine, cuda=self.cuda)
             elif stage == "end_to_end":
-                recognizer = Recognizer(backend, batch=batch)
+                recognizer = Recognizer(backend, batch=batch, sampling=self.s.sampling)
                 duration = read_clip(video, f, size).duration
                 self.measure(name, stage, batch, lambda: list(recognizer.predict_many([video] * batch)), clips=batch,
-                             video_seconds=batch * duration, engine=engine, note=f"decode + classify, {_video_label(video)}")  # fmt: skip
+                             video_seconds=batch * duration, engine=engine,
+                             note=f"decode ({self.s.sampling} sampling) + classify, {_video_label(video)}")  # fmt: skip
+            elif stage == "end_to_end_workers":
+                self.measure_workers(backend, name, batch, video, engine)
             elif stage == "stream_update":
                 self.measure_stream(backend, name, batch, video, engine)
+            elif stage == "stream_grid" and batch == self.s.batches[0]:  # one stream: the batch size does not apply
+                self.measure_stream_grid(backend, name, engine)
         except SkipStage as exc:
             self.skip(name, stage, str(exc), batch)
         except (BackendError, RuntimeError, ValueError, ImportError) as exc:  # e.g. a GPU variant this stack cannot compile
@@ -443,6 +480,42 @@ class Bench:
         self.measure(name, "intervention", batch, run, clips=batch, engine=engine, cuda=self.cuda,
                      note=f"B={batch} L={seq_len} D={model.cfg.width} C={memories[0].shape[1]} Kz={memories[2].shape[1]}")  # fmt: skip
 
+    def measure_workers(self, backend: Backend, name: str, batch: int, video: Path, engine) -> None:
+        """Recognizer.predict_many over WORKER_FILES copies of the bench video (model batch `batch`), decoded in
+        this process (1 worker: "end_to_end_serial") and by N worker processes ("end_to_end_parallel"), the two
+        alternating so that both see the same machine. The parallel record's pipeline_efficiency is the larger of
+        the decoding time / N (the serial runs' time outside the model) and the model time, over its end-to-end
+        time: 1.0 when decoding and the model overlap perfectly. Host memory is this process's (not the workers')."""
+        n = self.s.workers or usable_cores()
+        timed = TimedBackend(backend)
+        files = [video] * max(WORKER_FILES, 4 * n)
+        counts = {"end_to_end_serial": 1, "end_to_end_parallel": n} if n > 1 else {"end_to_end_serial": 1}
+        recognizers = {stage: Recognizer(timed, batch=batch, sampling=self.s.sampling, workers=w) for stage, w in counts.items()}
+        wall, model, tops = {stage: [] for stage in counts}, {stage: [] for stage in counts}, {}
+        with PeakMemory(self.cuda) as memory:
+            for i in range(self.s.warmup + min(self.s.iters, WORKER_ITERS)):
+                for stage, recognizer in recognizers.items():
+                    started, before = time.perf_counter(), timed.seconds
+                    records = list(recognizer.predict_many(files))
+                    if i >= self.s.warmup:
+                        wall[stage].append((time.perf_counter() - started) * 1e3)
+                        model[stage].append((timed.seconds - before) * 1e3)
+                    tops[stage] = [record.get("top", record.get("error")) for record in records]
+        duration = read_clip(video, backend.info.num_frames, backend.info.image_size).duration
+        identical = tops.get("end_to_end_parallel", tops["end_to_end_serial"]) == tops["end_to_end_serial"]
+        for stage, workers in counts.items():
+            note = (f"{len(files)} videos, {workers} decoding worker{'s' if workers > 1 else ''}, {self.s.sampling} sampling, "
+                    f"{_video_label(video)}")  # fmt: skip
+            if stage == "end_to_end_parallel":
+                note += "; predictions identical to 1 worker" if identical else "; predictions DIFFER from 1 worker"
+            self.add(name, stage, batch, wall[stage], memory, "clips/s", len(files), len(files) * duration, engine=engine, note=note)
+        if n > 1:
+            decoding = np.median(np.subtract(wall["end_to_end_serial"], model["end_to_end_serial"]))
+            self.records[-1].pipeline_efficiency = round(max(decoding / n, np.median(model["end_to_end_parallel"]))
+                                                         / np.median(wall["end_to_end_parallel"]), 3)  # fmt: skip
+        else:
+            self.skip(name, "end_to_end_parallel", "one usable CPU core: nothing to decode in parallel", batch)
+
     def measure_stream(self, backend: Backend, name: str, batch: int, video: Path, engine) -> None:
         """Recognizer.stream_many over `batch` copies of the video, per window update: the wall time
         ("stream_update": decoding the new grid frames, encoding them, the head) and the time spent in the
@@ -469,6 +542,32 @@ class Bench:
                  engine=engine, note=note + ", incl. decoding")  # fmt: skip
         self.add(name, "stream_update_model", batch, model[skip:], memory, "windows/s", batch, batch * self.stride_seconds,
                  engine=engine, note=note + ", time inside the backend only")  # fmt: skip
+
+    def measure_stream_grid(self, backend: Backend, name: str, engine) -> None:
+        """Live streams per CPU core at a grid of STREAM_GRID_RATE frames per second: Recognizer.stream_many over
+        STREAM_GRID_SECONDS of 720p H.264 for each GOP, decoding every frame ("stream_grid_all_gop...") and keyframes
+        only where they are dense enough ("stream_grid_keyframes_gop..."), the two runs interleaved. A run's time is
+        the process's CPU time (every thread: decoders, readers, the model), so throughput, seconds of video per CPU
+        second, is the number of live streams one core keeps up with."""
+        f, warmup = backend.info.num_frames, min(self.s.warmup, 1)
+        window = f / STREAM_GRID_RATE
+        for gop in STREAM_GRID_GOPS:
+            video = synthetic_video(STREAM_GRID_SECONDS, gop, self.log)
+            cpu_ms, keyframe_windows = {"all": [], "keyframes": []}, {}
+            with PeakMemory(self.cuda) as memory:
+                for run in range(warmup + min(self.s.iters, STREAM_GRID_ITERS)):
+                    for decode in cpu_ms:
+                        recognizer = Recognizer(backend, window=window, stride=window / 2, keyframe_grid=decode == "keyframes")
+                        started = time.process_time()
+                        windows = [r for r in recognizer.stream_many([video]) if "window" in r]
+                        if run >= warmup:
+                            cpu_ms[decode].append((time.process_time() - started) * 1e3)
+                        keyframe_windows[decode] = f"{sum(w['decode'] == 'keyframes' for w in windows)} of {len(windows)}"
+            for decode, times in cpu_ms.items():
+                self.add(name, f"stream_grid_{decode}_gop{gop}s", 1, times, memory, "streams/core", STREAM_GRID_SECONDS,
+                         STREAM_GRID_SECONDS, engine=engine,
+                         note=f"p50_ms: CPU time (all threads) for {STREAM_GRID_SECONDS:g} s of {_video_label(video)}, GOP {gop} s, "
+                              f"grid {STREAM_GRID_RATE:g}/s; windows from keyframes only: {keyframe_windows[decode]}")  # fmt: skip
 
     # ---- recording -----------------------------------------------------------------------------
     def measure(self, backend: str, stage: str, batch: int, fn, clips: int, video_seconds: float | None = None,
@@ -519,7 +618,7 @@ class Bench:
 def comparisons(records: list[Record]) -> list[dict]:
     """Ratios of p50 latencies (>1: the first named is faster):
     each backend vs PyTorch eager fp32 ("torch") on the same stage and batch; the stream update
-    vs re-running the whole clip; seek-based vs sequential decoding of the long video."""
+    vs re-running the whole clip; seek-based vs sequential decoding of the long video; keyframe vs exact sampling."""
     by_key = {(r.backend, r.stage, r.batch): r for r in records}
     out = []
     for r in records:
@@ -532,10 +631,26 @@ def comparisons(records: list[Record]) -> list[dict]:
         if r.stage == "stream_update_model" and clip:  # model work per window: cached tokens vs all F frames again
             out.append({"comparison": "stream update (token cache) vs whole clip", "backend": r.backend, "batch": r.batch,
                         "speedup": round(clip.p50_ms / r.p50_ms, 3)})  # fmt: skip
+    for r in records:
+        serial = by_key.get((r.backend, "end_to_end_serial", r.batch))
+        if r.stage == "end_to_end_parallel" and serial:
+            out.append({"comparison": "N decoding workers vs 1 (end to end)", "backend": r.backend, "batch": r.batch,
+                        "speedup": round(serial.p50_ms / r.p50_ms, 3), "efficiency": r.pipeline_efficiency})  # fmt: skip
     seek, sequential = by_key.get(("pyav", "long_video_seek", 1)), by_key.get(("pyav", "long_video_sequential", 1))
     if seek and sequential:
         out.append({"comparison": "seek vs sequential (long video)", "stage": "long_video", "batch": 1,
                     "speedup": round(sequential.p50_ms / seek.p50_ms, 3)})  # fmt: skip
+    for gop in STREAM_GRID_GOPS:
+        for r in records:
+            full = by_key.get((r.backend, f"stream_grid_all_gop{gop}s", 1))
+            if r.stage == f"stream_grid_keyframes_gop{gop}s" and full:
+                out.append({"comparison": f"keyframe grid vs full decoding (streams per core, GOP {gop} s)", "backend": r.backend,
+                            "batch": 1, "speedup": round(full.p50_ms / r.p50_ms, 3)})  # fmt: skip
+    for suffix, video in (("", "bench video"), ("_long", "long video")):
+        exact, keyframe = (by_key.get(("pyav", f"decode_per_sample_{sampling}{suffix}", 1)) for sampling in ("exact", "keyframe"))
+        if exact and keyframe:
+            out.append({"comparison": f"keyframe vs exact sampling ({video})", "stage": "decode_per_sample", "batch": 1,
+                        "speedup": round(exact.p50_ms / keyframe.p50_ms, 3)})  # fmt: skip
     return out
 
 

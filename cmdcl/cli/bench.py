@@ -10,8 +10,8 @@ import click
 
 from .errors import fail, first_line
 
-STAGE_HELP = ("decode_video, decode_stream, preprocess, frame_encoder, head, intervention, clip, end_to_end, "
-              "stream_update, long_video")  # fmt: skip
+STAGE_HELP = ("decode_video, decode_stream, preprocess, frame_encoder, head, intervention, clip, end_to_end, end_to_end_workers, "
+              "stream_update, long_video, decode_per_sample, stream_grid")  # fmt: skip
 
 
 def _int_list(ctx, param, value):
@@ -57,13 +57,16 @@ def _backend_names():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: cuda when PyTorch sees a GPU.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and ONNX Runtime alike (default: PyTorch's default).")
 @click.option("--stages", default=",".join(("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip",
-                                              "end_to_end", "stream_update", "long_video")), callback=_stage_list,
+                                              "end_to_end", "end_to_end_workers", "stream_update", "long_video", "decode_per_sample", "stream_grid")), callback=_stage_list,
               help=f"Comma-separated subset of: {STAGE_HELP}.")  # fmt: skip
 @click.option("--video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Video for the decode, end-to-end and stream stages. Default: a generated 720p H.264 test pattern (cached).")
 @click.option("--long-video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Long video for seek vs sequential decoding. Default: a generated 720p H.264 with a keyframe every 10 s.")
 @click.option("--long-minutes", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="Length of the generated long video.")
+@click.option("--sampling", type=click.Choice(["exact", "keyframe"]), default="exact", show_default=True,
+              help="read_clip's sampling in decode_video and end_to_end (decode_per_sample measures both).")
+@click.option("--workers", type=click.IntRange(min=1), help="end_to_end_workers: decoding processes N measured against 1 (default: one per usable CPU core).")
 @click.option("--stride-frames", type=click.IntRange(min=1), help="Stream mode: new grid frames per window update (default: the model's, F/2).")
 @click.option("--cuda-graphs", is_flag=True, help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records and the machine as JSON here.")
@@ -72,7 +75,7 @@ def _backend_names():
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Tracebacks instead of one-line errors; a failing stage stops the run.")
 def main(engines, backends, preset, batches, frames, classes, iters, warmup, device, threads, stages, video, long_video,
-         long_minutes, stride_frames, cuda_graphs, json_path, plot, markdown, quiet, debug):  # fmt: skip
+         long_minutes, sampling, workers, stride_frames, cuda_graphs, json_path, plot, markdown, quiet, debug):  # fmt: skip
     """Measure CMDCL inference stage by stage: decoding (video and stream
     mode), preprocessing, frame encoder, head, the intervention op alone, the
     whole clip, decode + classify end to end, and a stream window update,
@@ -80,8 +83,9 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     and peak memory. Prints a table and the ratios between backends (ONNX
     Runtime vs PyTorch at the same thread count; on a GPU fp16/bf16,
     torch.compile, the fused Triton intervention and TensorRT vs PyTorch
-    eager fp32), the token-cache stream update vs re-running the clip, and
-    seek-based vs sequential sampling of a long video.
+    eager fp32), the token-cache stream update vs re-running the clip,
+    seek-based vs sequential sampling of a long video, and keyframe vs exact
+    sampling (time and frames decoded per sampled frame).
 
     Without --engine the models are random-weight models of --preset: latency
     does not depend on the weights. GPU timings use CUDA events after warm-up;
@@ -101,8 +105,8 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
         fail("cmdcl-bench", str(exc), 2, debug, exc)
     settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"), batches=batches, frames=frames,
                              classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,
-                             video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames,
-                             cuda_graphs=cuda_graphs)  # fmt: skip
+                             video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames, sampling=sampling,
+                             workers=workers, cuda_graphs=cuda_graphs)  # fmt: skip
     from tqdm import tqdm
 
     bar = tqdm(unit="stage", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
