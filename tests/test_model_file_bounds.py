@@ -172,14 +172,19 @@ def _rewrite(path, out, change):
     return out
 
 
-def _checkpoint_error(path, *fragments):
-    with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+def _one_line_error(error, load, path, prefix, fragments):
+    """The one-line error `load(path)` raises: it starts with `<path>: <prefix>` and holds every fragment."""
+    with pytest.raises(error) as info:
+        load(path)
     message = str(info.value)
-    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert message.startswith(f"{path}: {prefix}") and "\n" not in message and len(message) < 400
     for fragment in fragments:
         assert fragment in message
     return message
+
+
+def _checkpoint_error(path, *fragments):
+    return _one_line_error(CheckpointError, load_checkpoint, path, "", fragments)
 
 
 @pytest.fixture
@@ -307,12 +312,7 @@ def _tampered(path, out, **values):
 
 
 def _metadata_error(path, *fragments):
-    with pytest.raises(ModelFileError) as info:
-        read_metadata(path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: metadata ") and "\n" not in message and len(message) < 400
-    for fragment in fragments:
-        assert fragment in message
+    _one_line_error(ModelFileError, read_metadata, path, "metadata ", fragments)
 
 
 def test_export_metadata_numbers_are_bounded(exports, tmp_path):
