@@ -85,6 +85,14 @@ def test_short_video_repeats_frames(tmp_path):
     assert list(frame_index(clip.frames)) == [0, 0, 0, 1, 1, 2, 2, 2]  # segment centres at (i + 0.5) * 0.0375 s
 
 
+def test_a_one_frame_video_is_read_not_refused_as_truncated(tmp_path):
+    """One frame is on screen for one frame period (0.1 s at 10 fps), which the file declares as its duration."""
+    path = write_video(tmp_path / "one.mp4", ramp(1), rate=10)
+    for sampling in ("exact", "keyframe"):
+        clip = read_clip(path, 4, 32, sampling=sampling)
+        assert clip.frames.shape[0] == 4 and clip.frames_decoded == 1 and clip.duration == pytest.approx(0.1)
+
+
 def test_random_offsets_stay_in_segments(tmp_path):
     path = write_video(tmp_path / "v.mp4", ramp(40), rate=10)
     clip = read_clip(path, 4, 32, offsets="random", rng=np.random.default_rng(1))

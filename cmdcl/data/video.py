@@ -242,7 +242,10 @@ def _scan(path, container, stream) -> _Scan:
     frame_pts.sort()
     keyframe_pts.sort()
     tb = float(stream.time_base)
-    interval = float(np.median(np.diff(frame_pts))) * tb if len(frame_pts) > 1 else 0.0
+    if len(frame_pts) > 1:
+        interval = float(np.median(np.diff(frame_pts))) * tb
+    else:  # one frame: it is on screen for one frame period, as the file declares it
+        interval = 1 / float(stream.average_rate) if stream.average_rate else 0.0
     if stream.frames and len(frame_pts) < stream.frames:
         raise VideoError(path, f"truncated: {len(frame_pts)} of {stream.frames} frames present")
     _check_complete(path, container, stream, (frame_pts[-1] - frame_pts[0]) * tb + interval, interval)
