@@ -231,7 +231,7 @@ def test_an_unexpected_error_while_reading_a_video_names_it(synth, tmp_path, mon
     first = read_manifest(synth["train"]).entries[0].path
     one_line_error(result, f"{synth['train']}:2: {first}: unexpected ValueError: could not convert string to float: '00-00-01.6'")
     # --candidates 0 reads videos during the epochs: the same message
-    with pytest.raises(ManifestError, match=rf"manifest\.csv:\d+: .*\.mp4: unexpected ValueError: could not convert"):
+    with pytest.raises(ManifestError, match=r"manifest\.csv:\d+: .*\.mp4: unexpected ValueError: could not convert"):
         loop.random_offset_clips(load_dataset(synth["train"]), torch.tensor([3]), 0, 0, 2, SIZE)
 
 
@@ -285,7 +285,7 @@ def test_outputs_never_replace_a_listed_video(synth, trained, tmp_path):
 
 def test_a_bad_val_manifest_is_reported_before_training(synth, tmp_path):
     val = write(tmp_path / "val.csv", f"path,label\n{read_manifest(synth['test']).entries[0].path},bake bread\n")
-    with pytest.raises(ManifestError, match=rf"val\.csv:2: unknown label 'bake bread'"):
+    with pytest.raises(ManifestError, match=r"val\.csv:2: unknown label 'bake bread'"):
         train(options(synth, tmp_path / "m.pt", val=str(val)), progress=False)
     assert not (tmp_path / "m.pt").exists()  # no epoch was trained
 
