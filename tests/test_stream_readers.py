@@ -188,9 +188,21 @@ def test_a_files_reader_waits_for_the_model_and_drops_nothing(monkeypatch):
     assert all(w["dropped"] == 0 for w in records[:-1])
 
 
-def test_file_records_are_the_models_windows_over_the_grid(tmp_path):
+@pytest.mark.parametrize("bursty", [False, True])
+def test_file_records_are_the_models_windows_over_the_grid(bursty, tmp_path, monkeypatch):
     """Several plain files read in parallel: each file's windows and scores are exactly
-    those of its own grid (iter_grid_frames) cut into windows, as they were when read in turn."""
+    those of its own grid (iter_grid_frames) cut into windows, as they were when read in turn.
+    Bursty: the readers deliver frames in bursts of three (as under load), so a step of the main
+    loop finds more frames ready than the next window needs: it must take no more than that."""
+    if bursty:
+        def in_bursts(*args, **kwargs):
+            items = list(iter_grid_frames(*args, **kwargs))  # decoded up front: a burst is handed over at once
+            for i, item in enumerate(items):
+                yield item
+                if i % 3 == 0:
+                    time.sleep(0.05)
+
+        monkeypatch.setattr(recognizer_module, "iter_grid_frames", in_bursts)
     paths = [write_video(tmp_path / f"v{i}.mp4", moving_square(n, i), rate=10) for i, n in enumerate((40, 25, 7, 52))]
     backend = EchoBackend()
     recognizer = Recognizer(backend, window=2.0, stride=1.0)  # 2 grid frames per second, F = 4, a window every 2 frames

@@ -198,8 +198,9 @@ class Recognizer:
                     active.append(self._open_stream(waiting.popleft(), wake))
                 wake.clear()  # before taking: a frame that comes later wakes the wait below
                 took = False
-                for stream in active:  # at most ENCODER_BATCH frames each: a stride longer than the window holds no more
-                    took |= stream.pull(min(f - len(stream.tokens) if stream.fresh else self.stride_frames, ENCODER_BATCH), step)
+                for stream in active:  # only what its next window still needs, so that the window ends where it should
+                    needed = f - len(stream.tokens) if stream.fresh else self.stride_frames - stream.new
+                    took |= stream.pull(min(needed, ENCODER_BATCH), step)  # a stride longer than ENCODER_BATCH: in parts
                 pending = [(stream, item) for stream in active for item in stream.pending]
                 for start in range(0, len(pending), ENCODER_BATCH):
                     chunk = pending[start : start + ENCODER_BATCH]
