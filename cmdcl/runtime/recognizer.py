@@ -47,6 +47,7 @@ from .decode_pool import Failure, check_workers, decoded_in_order, usable_cores
 ENCODER_BATCH = 64  # most frames per frame-encoder call
 MAX_OPEN_SOURCES = 64  # most files stream mode reads at once (fewer under a low open-files limit)
 READER_WAIT = 1.0  # seconds stream mode waits for its readers before it looks again (a reader wakes it sooner)
+READER_STOP_SECONDS = 2.0  # how long a finished or interrupted stream_many waits for its readers to end
 MAX_GRID_RATE = 1000.0  # grid frames per second, as cmdcl.model.config bounds a model's sampling (not imported: it loads torch)
 
 
@@ -227,6 +228,11 @@ class Recognizer:
         finally:  # done, stopped by the consumer, or Ctrl-C: no reader goes on
             for stream in active:
                 stream.reader.stop()
+            # and none is left decoding while the interpreter exits (which can abort the process): a reader ends at its
+            # next frame; one in a network read may take until its timeout, so the wait is bounded
+            deadline = time.monotonic() + READER_STOP_SECONDS
+            for stream in active:
+                stream.reader.thread.join(max(0.0, deadline - time.monotonic()))
 
     def _open_stream(self, source, wake: threading.Event) -> _Stream:
         def open_frames(sleep, status):
