@@ -26,11 +26,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
+def make_synth(tmp_path_factory, train_videos: int, test_videos: int) -> dict:
+    """Synthetic train and test splits of SIZE px videos: {split: manifest path}."""
     root = tmp_path_factory.mktemp("synth")
     cfg = SynthConfig(size=SIZE)
-    return {split: generate(root / split, n, seed=0, split=split, cfg=cfg) for split, n in (("train", 28), ("test", 14))}
+    return {split: generate(root / split, n, seed=0, split=split, cfg=cfg) for split, n in (("train", train_videos), ("test", test_videos))}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synth(tmp_path_factory, 28, 14)
 
 
 def options(synth, out, **overrides):

@@ -14,12 +14,11 @@ from cmdcl.cli.eval import main as eval_cli
 from cmdcl.cli.train import main as train_cli
 from cmdcl.data.datasets import load_dataset, read_breakfast, read_charades, read_coin
 from cmdcl.data.manifest import ManifestError, read_manifest
-from cmdcl.data.synth import SynthConfig, generate
 from cmdcl.model import load_checkpoint
 from cmdcl.train import loop
 from cmdcl.train.loop import ResumeError, TrainOptions, evaluate, train
+from test_train import SIZE, make_synth
 
-SIZE = 32
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -189,9 +188,7 @@ def test_breakfast_labels_errors_name_the_file_and_line(tmp_path, labels, messag
 # ---- training and evaluation on real (tiny) videos ----------------------------------------------
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    cfg = SynthConfig(size=SIZE)
-    return {split: generate(root / split, n, seed=0, split=split, cfg=cfg) for split, n in (("train", 8), ("test", 4))}
+    return make_synth(tmp_path_factory, 8, 4)
 
 
 def options(synth, out, **overrides):

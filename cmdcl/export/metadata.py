@@ -55,7 +55,9 @@ def sampling_defaults(model) -> dict:
     return sampling
 
 
-def build_metadata(model, role: str, precision: str, opset: int) -> dict[str, str]:
+def build_metadata(model, role: str, precision: str, opset: int, weights: str) -> dict[str, str]:
+    """The metadata_props of one graph; `weights` is the model's `weights_hash`, computed once per export
+    (it reads every weight) rather than once per graph."""
     cfg: CMDCLConfig = model.cfg
     size = cfg.vision.image_size
     values = {
@@ -80,7 +82,7 @@ def build_metadata(model, role: str, precision: str, opset: int) -> dict[str, st
         "opset": opset,
         "config": cfg.to_dict(),
         "config_hash": cfg.config_hash(),
-        "weights_hash": weights_hash(model),
+        "weights_hash": weights,
         "toolkit_version": __version__,
     }
     return {k: _encode(k, v) for k, v in values.items()}

@@ -119,12 +119,13 @@ def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: 
         "frame_encoder": ("frame_encoder", FrameEncoderGraph(model), example_frames[0, :2], ["frames"], ["tokens"]),
         "head": ("head", HeadGraph(model), torch.randn(2, f, s, d), ["tokens"], ["logits", "embedding"]),
     }
+    weights = metadata.weights_hash(model)
     for key, path in paths.items():
         role, module, example, inputs, outputs = graphs[key]
         if progress:
             progress(f"exporting {role} -> {path.name}")
         proto = _trace(module, example, inputs, outputs, opset)
-        proto = _finish(proto, model, role, precision, opset)
+        proto = _finish(proto, model, role, precision, opset, weights)
         _save(proto, path)
     return paths
 
@@ -151,7 +152,7 @@ def _trace(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, opset: int) -> onnx.ModelProto:
+def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, opset: int, weights: str) -> onnx.ModelProto:
     """Add the local function, convert precision, attach metadata, check."""
     has_node = any(n.domain == DOMAIN for n in proto.graph.node)
     if has_node:
@@ -165,7 +166,7 @@ def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, ops
                                                      cfg.width, len(model.class_names)))
     proto.doc_string = f"CMDCL {role} graph exported by the cmdcl toolkit"
     del proto.metadata_props[:]
-    for key, value in metadata.build_metadata(model, role, precision, opset).items():
+    for key, value in metadata.build_metadata(model, role, precision, opset, weights).items():
         proto.metadata_props.add(key=key, value=value)
     try:
         onnx.checker.check_model(proto, full_check=True)

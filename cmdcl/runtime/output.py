@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..output_files import OutputError, atomic_write, in_place, real_path
+from ..output_files import OutputError, atomic_write, in_place, move_into_place, real_path
 
 FORMATS = ("jsonl", "json", "csv")
 CSV_COLUMNS = ("video", "summary", "start", "end", "rank", "label", "score", "error")
@@ -149,7 +149,7 @@ class RecordWriter:
             if self.path:
                 self.file.close()
             if self.partial and finished:
-                os.replace(self.partial, real_path(self.path))
+                move_into_place(self.partial, self.path)
             elif self.partial and (not self.count or self.fmt == "json"):
                 self.partial.unlink(missing_ok=True)
 
