@@ -122,6 +122,7 @@ def test_a_killed_worker_fails_its_file_and_the_run_goes_on(clips, monkeypatch, 
             f.write(f"{os.getpid()} {Path(path).name}\n")
         if path == victim:
             time.sleep(60)
+        time.sleep(0.3)  # a file takes a while, so the surviving worker cannot read every other file alone
         return real(path, *args, **kwargs)
 
     def kill_the_victims_reader():
