@@ -23,12 +23,27 @@ def small_config(**overrides):
     return tiny_config(**cfg)
 
 
+def skew_priors(model, seed=0):
+    """Install skewed priors pi_b, pi_z (softmax of 3 x randn) in place of the uniform ones a new model has.
+
+    A uniform prior adds the same log pi to every attention score, which softmax cancels: a bug that drops or
+    misplaces a prior only shows with skewed ones. Returns the model.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bias_prior = torch.softmax(3 * torch.randn(model.bias_prior.shape, generator=g), 0)
+    conf_prior = torch.softmax(3 * torch.randn(model.conf_prior.shape, generator=g), 0)
+    model.set_dictionaries(model.bias_dict, bias_prior, model.conf_dict, conf_prior)
+    return model
+
+
 @pytest.fixture
 def make_model():
+    """A small model in eval mode, with skewed priors."""
+
     def make(num_classes=3, seed=0, **overrides):
         torch.manual_seed(seed)
         model = CMDCL(small_config(**overrides), [f"class {i}" for i in range(num_classes)])
-        return model.eval()
+        return skew_priors(model, seed).eval()
 
     return make
 

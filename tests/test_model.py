@@ -122,14 +122,20 @@ def test_causal_intervention_matches_explicit_attention():
 
 def test_confounder_prior_and_dictionary_reach_the_logits(make_model):
     frames = random_frames(1, 4, 32)
-    model = make_model()
-    base = model(frames)[0]
-    model.conf_dict.add_(1.0)
-    assert not torch.allclose(model(frames)[0], base)
-    # Without the visual intervention the confounder dictionary has no effect.
+    for change in ("conf_prior", "conf_dict"):
+        model = make_model()  # skewed priors
+        base = model(frames)[0]
+        with torch.no_grad():
+            if change == "conf_prior":
+                model.conf_prior.copy_(model.conf_prior.flip(0))
+            else:
+                model.conf_dict.add_(1.0)
+            assert not torch.allclose(model(frames)[0], base), change
+    # Without the visual intervention neither has an effect.
     ablated = make_model(visual_intervention=False)
     base = ablated(frames)[0]
     ablated.conf_dict.add_(1.0)
+    ablated.conf_prior.copy_(ablated.conf_prior.flip(0))
     torch.testing.assert_close(ablated(frames)[0], base)
 
 
