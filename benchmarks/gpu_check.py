@@ -8,7 +8,7 @@ installed (no TensorRT), from a checkout:
 1. Parity: the Triton kernel against the PyTorch reference (computed in fp32
    from the same inputs) on fresh random inputs, fp32/fp16/bf16, several
    shapes including sizes that are not multiples of the tiles; the output is
-   poisoned with NaN before every run. Tolerances: DESIGN.md section 7.
+   poisoned with NaN before every run. Tolerances: docs/design.md section 7 (`cmdcl.artifacts.TOLERANCES`).
 2. AOT: the PTX the TensorRT plugin embeds in engines (cmdcl.kernels.aot),
    loaded through cupy and launched with the plugin's grid, block, shared
    memory and argument order, checked the same way.
@@ -42,12 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
+from cmdcl.artifacts import TOLERANCES  # noqa: E402
 from cmdcl.bench.measure import time_calls  # noqa: E402
 from cmdcl.bench.report import format_table  # noqa: E402
 from cmdcl.kernels import aot  # noqa: E402
 from cmdcl.kernels.reference import causal_intervention_reference  # noqa: E402
-
-TOLERANCE = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}  # ||out - ref|| / ||ref||, DESIGN.md section 7
 
 
 @dataclass(frozen=True)
@@ -88,14 +87,14 @@ def floors(shape: Shape, element_bytes: int) -> dict:
 def random_inputs(shape: Shape, dtype: torch.dtype, device: str, generator: torch.Generator):
     """q, kt, vt, kz, vz, log_prior with the model's scales (unit-variance
     projections, a normalised log prior)."""
-    h, d, b, l = shape.heads, shape.head_dim, shape.batch, shape.seq_len
+    h, d, b, seq_len = shape.heads, shape.head_dim, shape.batch, shape.seq_len
 
     def randn(*size):
         return torch.randn(*size, generator=generator, device=device).to(dtype)
 
     prior = torch.log_softmax(torch.randn(shape.num_conf, generator=generator, device=device), 0).to(dtype)
-    return (randn(b, l, h * d), randn(h, shape.num_text, d), randn(h, shape.num_text, d),
-            randn(h, shape.num_conf, d), randn(h, shape.num_conf, d), prior)  # fmt: skip
+    return (randn(b, seq_len, h * d), randn(h, shape.num_text, d), randn(h, shape.num_text, d),
+            randn(h, shape.num_conf, d), randn(h, shape.num_conf, d), prior)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -131,7 +130,8 @@ def launch_aot(function, kernel: aot.AotKernel, inputs, out, shape: Shape) -> No
 
 
 def check_parity(arch: int, generator: torch.Generator) -> list[dict]:
-    from cmdcl.kernels.triton_kernel import causal_intervention_triton, causal_intervention_triton_fused_q
+    from cmdcl.kernels.triton_fused_q import causal_intervention_triton_fused_q
+    from cmdcl.kernels.triton_kernel import causal_intervention_triton
 
     results = []
     for shape in PARITY_SHAPES:
@@ -153,7 +153,8 @@ def check_parity(arch: int, generator: torch.Generator) -> list[dict]:
             results.append(_parity_row(shape, name, "aot ptx (cupy)", out, ref))
 
             x, weight, bias = projection_inputs(shape, dtype, generator)
-            fused_ref = causal_intervention_reference(x.float() @ weight.float().T + bias.float(), *(t.float() for t in inputs[1:]), shape.heads, scale)
+            fused_ref = causal_intervention_reference(x.float() @ weight.float().T + bias.float(), *(t.float() for t in inputs[1:]),
+                                                      shape.heads, scale)
             out.fill_(float("nan"))
             causal_intervention_triton_fused_q(x, weight, bias, *inputs[1:], shape.heads, scale, out=out)
             torch.cuda.synchronize()
@@ -170,12 +171,13 @@ def projection_inputs(shape: Shape, dtype: torch.dtype, generator: torch.Generat
 
 def _parity_row(shape: Shape, dtype: str, impl: str, out: torch.Tensor, ref: torch.Tensor) -> dict:
     error = relative_error(out, ref) if torch.isfinite(out).all() else math.inf
-    return {"shape": shape.name, "dtype": dtype, "impl": impl, "rel_error": error, "tolerance": TOLERANCE[dtype],
-            "ok": error <= TOLERANCE[dtype]}  # fmt: skip
+    return {"shape": shape.name, "dtype": dtype, "impl": impl, "rel_error": error, "tolerance": TOLERANCES[dtype],
+            "ok": error <= TOLERANCES[dtype]}
 
 
 def time_shapes(arch: int, generator: torch.Generator, warmup: int, reps: int) -> list[dict]:
-    from cmdcl.kernels.triton_kernel import causal_intervention_triton, causal_intervention_triton_fused_q
+    from cmdcl.kernels.triton_fused_q import causal_intervention_triton_fused_q
+    from cmdcl.kernels.triton_kernel import causal_intervention_triton
 
     compiled_reference = torch.compile(causal_intervention_reference, dynamic=False)
     rows = []
@@ -195,14 +197,15 @@ def time_shapes(arch: int, generator: torch.Generator, warmup: int, reps: int) -
                 "torch eager": lambda: causal_intervention_reference(*inputs, h, scale),
                 "torch.compile": lambda: compiled_reference(*inputs, h, scale),
                 # Does fusing the query projection pay? (the ms column includes the projection here)
-                "Q linear + triton": lambda: causal_intervention_triton(torch.nn.functional.linear(x, weight, bias), *memories, h, scale, out=out),
+                "Q linear + triton": lambda: causal_intervention_triton(torch.nn.functional.linear(x, weight, bias), *memories, h, scale,
+                                                                        out=out),
                 "triton fused Q projection": lambda: causal_intervention_triton_fused_q(x, weight, bias, *memories, h, scale, out=out),
             }
             floor = floors(shape, dtype.itemsize)
             for impl, fn in candidates.items():
                 ms = statistics.median(time_calls(fn, reps, warmup, cuda=True))
                 rows.append({"shape": shape.name, "dtype": name, "impl": impl, "ms": round(ms, 4),
-                             "tflops": round(floor["flops"] / ms / 1e9, 2), "gbps": round(floor["bytes"] / ms / 1e6, 1)})  # fmt: skip
+                             "tflops": round(floor["flops"] / ms / 1e9, 2), "gbps": round(floor["bytes"] / ms / 1e6, 1)})
     return rows
 
 
@@ -251,18 +254,19 @@ def main(argv=None) -> int:
         import triton
 
         report["versions"] = {"torch": torch.__version__, "triton": triton.__version__, "cupy": cupy.__version__,
-                              "cuda": torch.version.cuda}  # fmt: skip
+                              "cuda": torch.version.cuda}
         print(f"device: {report['device']}")
         generator = torch.Generator(device="cuda").manual_seed(int(time.time()))  # fresh inputs every run
         report["parity"] = check_parity(arch, generator)
         print(format_table(["shape", "dtype", "impl", "rel error", "tolerance", "ok"],
-                    [[r["shape"], r["dtype"], r["impl"], f"{r['rel_error']:.2e}", r["tolerance"], r["ok"]] for r in report["parity"]]))  # fmt: skip
+                    [[r["shape"], r["dtype"], r["impl"], f"{r['rel_error']:.2e}", r["tolerance"], r["ok"]] for r in report["parity"]]))
         reps = 20 if args.quick else 200
         report["timings"] = time_shapes(arch, generator, warmup=10, reps=reps)
         print(format_table(["shape", "dtype", "impl", "median ms", "TFLOP/s", "GB/s"],
-                    [[r["shape"], r["dtype"], r["impl"], r["ms"], r["tflops"], r["gbps"]] for r in report["timings"]]))  # fmt: skip
+                    [[r["shape"], r["dtype"], r["impl"], r["ms"], r["tflops"], r["gbps"]] for r in report["timings"]]))
     print(format_table(["shape", "dtype", "MB moved (floor)", "GFLOP", "FLOP/byte"],
-                [[r["shape"], r["dtype"], f"{r['bytes'] / 1e6:.2f}", f"{r['flops'] / 1e9:.2f}", r["flops_per_byte"]] for r in report["floors"]]))  # fmt: skip
+                [[r["shape"], r["dtype"], f"{r['bytes'] / 1e6:.2f}", f"{r['flops'] / 1e9:.2f}", r["flops_per_byte"]]
+                 for r in report["floors"]]))
     report["seconds"] = round(time.time() - started, 1)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out} ({report['seconds']} s)")

@@ -125,9 +125,11 @@ def speed_study(videos: list, decoders: list, frames: int, size: int, repeats: i
                         wall[name].append(time.perf_counter() - started)
                         cpu[name].append(time.process_time() - started_cpu)
         base = statistics.median(cpu[None])
-        results[str(path)] = {name or "default": {"median_s": round(statistics.median(wall[name]), 4), "median_cpu_s": round(statistics.median(cpu[name]), 4),
-                                                  "cpu_speedup": round(base / statistics.median(cpu[name]), 3), "frames_decoded": clip.frames_decoded}
-                              for name in names}  # fmt: skip
+        results[str(path)] = {name or "default": {"median_s": round(statistics.median(wall[name]), 4),
+                                                  "median_cpu_s": round(statistics.median(cpu[name]), 4),
+                                                  "cpu_speedup": round(base / statistics.median(cpu[name]), 3),
+                                                  "frames_decoded": clip.frames_decoded}
+                              for name in names}
         for name, row in results[str(path)].items():
             print(f"speed {Path(path).name} {name:22s} {row}", flush=True)
     return results

@@ -65,7 +65,8 @@ def main() -> None:
             start = time.perf_counter()
             model = train(opts, command=f"benchmarks/train_ablations.py ({ablation}, seed {seed})")
             seconds = time.perf_counter() - start
-            row = {"ablation": ablation, "seed": seed, "train_seconds": round(seconds, 1), "final_train_loss": model.checkpoint_extra["history"][-1]["loss"]}
+            row = {"ablation": ablation, "seed": seed, "train_seconds": round(seconds, 1),
+                   "final_train_loss": model.checkpoint_extra["history"][-1]["loss"]}
             for split in ("test", "ood"):
                 data = load_dataset(work / split / "manifest.csv", classes=model.class_names, target=args.target)
                 report = evaluate(model, data, cache_dir=str(work / "cache"))
@@ -77,7 +78,8 @@ def main() -> None:
     summary = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "runs": results}
     (work / f"results-{args.target}.json").write_text(json.dumps(summary, indent=2))
     lines = [
-        f"Synthetic benchmark, target {args.target} ({'atomic actions, mAP' if metric == 'mAP' else 'activities, top-1'}), tiny preset, {args.epochs} epochs, batch {args.batch_size}, {args.train_videos} training videos, "
+        f"Synthetic benchmark, target {args.target} ({'atomic actions, mAP' if metric == 'mAP' else 'activities, top-1'}), tiny preset, "
+        f"{args.epochs} epochs, batch {args.batch_size}, {args.train_videos} training videos, "
         f"{args.eval_videos} per eval split, seeds {' '.join(map(str, args.seeds))}; machine: {machine}.",
         "",
         f"| model | test {metric} % (per seed) | test mean | ood {metric} % (per seed) | ood mean | train s / run |",
@@ -90,7 +92,8 @@ def main() -> None:
         name = "full CMDCL" if ablation == "none" else ablation
         lines.append(
             f"| {name} | {' / '.join(f'{v:.1f}' for v in test)} | {statistics.mean(test):.1f} | "
-            f"{' / '.join(f'{v:.1f}' for v in ood)} | {statistics.mean(ood):.1f} | {statistics.mean(r['train_seconds'] for r in rows):.0f} |"
+            f"{' / '.join(f'{v:.1f}' for v in ood)} | {statistics.mean(ood):.1f} | "
+            f"{statistics.mean(r['train_seconds'] for r in rows):.0f} |"
         )
     (work / f"results-{args.target}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

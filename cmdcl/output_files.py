@@ -21,8 +21,10 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .errors import CmdclError
 
-class OutputError(ValueError):
+
+class OutputError(CmdclError, ValueError):
     """An output that would overwrite an input or another output, or cannot be written; one line."""
 
 

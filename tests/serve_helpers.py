@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import small_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import time
 import av
 import pytest
 from click.testing import CliRunner
-from test_runtime import demo_assets, tiny_checkpoint, videos  # noqa: F401  (fixtures)
-from test_video import BAD_FILES
 
 from cmdcl.cli.run import main
+from test_runtime import demo_assets, tiny_checkpoint, videos  # noqa: F401  (fixtures)
+from test_video import BAD_FILES
 
 
 def run(args):
@@ -29,7 +29,8 @@ def check_top(top):
 
 def test_jsonl_schema_stream_mode(tiny_checkpoint, videos, tmp_path):  # noqa: F811
     out = tmp_path / "out.jsonl"
-    result = run([*videos[:2], "--engine", tiny_checkpoint, "--mode", "stream", "--window", "2", "--stride", "1", "-o", out, "--top-k", "2"])
+    result = run([*videos[:2], "--engine", tiny_checkpoint, "--mode", "stream", "--window", "2", "--stride", "1", "-o", out,
+                  "--top-k", "2"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
     windows = [r for r in records if not r.get("summary")]
@@ -84,7 +85,7 @@ def test_directory_input_and_exit_codes(tiny_checkpoint, videos, tmp_path):  # n
     assert result.exit_code == 0
     assert len([line for line in result.output.splitlines() if line.startswith("{")]) == 3
     result = run([videos[0], "--engine", tmp_path / "none.onnx"])
-    assert result.exit_code == 2 and "none.onnx: no such file" in result.output
+    assert result.exit_code == 1 and "none.onnx: no such file" in result.output
     assert run([videos[0], "--engine", tiny_checkpoint, "--top-k", "0"]).exit_code == 2
     assert run([videos[0], "--engine", tiny_checkpoint, "--window", "3"]).exit_code == 2  # needs --mode stream
     result = run([videos[0], "--engine", tiny_checkpoint, "--mode", "stream", "--window", "1e-7"])  # > 1000 grid frames/s

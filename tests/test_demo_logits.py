@@ -18,7 +18,7 @@ from cmdcl.model import load_checkpoint
 from cmdcl.runtime import Recognizer
 
 PINNED = json.loads((Path(__file__).parent / "data" / "demo_logits.json").read_text())
-TOLERANCE = 1e-4  # fp32 against the reference (DESIGN section 7)
+TOLERANCE = 1e-4  # fp32 against the reference (docs/design.md section 7)
 VIDEOS = {name: label for label, name in assets.DEMO_VIDEOS.items()}
 
 

@@ -1,4 +1,4 @@
-"""The model's equations against formulas written out here (DESIGN.md section 2 steps 3, 6 and 7; section 3).
+"""The model's equations against formulas written out here (docs/design.md sections 2.3, 2.6, 2.7 and 3).
 
 Every parity test elsewhere compares a backend with the PyTorch model, so a bug in what that model computes moves
 both sides. These tests compute the two interventions, the pooling and the classifier again from the weights with

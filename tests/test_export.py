@@ -10,13 +10,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import cmdcl
 from cmdcl.export import ExportError, export_onnx
-from cmdcl.export.intervention_node import DOMAIN, OP_TYPE, intervention_function
 from cmdcl.export.metadata import ModelFileError, read_metadata
 from cmdcl.export.precision import convert_precision
-from cmdcl.export.verify import (TOLERANCES, VerificationError, compare, onnx_session, relative_error, run_split,
-                                 verify_export)
+from cmdcl.export.verify import TOLERANCES, VerificationError, compare, onnx_session, relative_error, run_split, verify_export
+from cmdcl.kernels.onnx_node import DOMAIN, OP_TYPE, intervention_function
 from cmdcl.kernels.reference import causal_intervention_reference
-from conftest import random_frames
+from conftest import random_frames, skew_priors
 
 # name -> (num_classes, config overrides). Sizes are chosen distinct (C=3, Kb=7,
 # Kz=6, D_vlm=24, D=32) so that initializer shapes identify what they hold.
@@ -43,6 +42,7 @@ def exported(tmp_path_factory):
             with torch.no_grad():  # no parameter keeps its (shared) init value: ones, zeros
                 for param in model.parameters():
                     param.add_(0.1 * torch.randn_like(param))
+            skew_priors(model)  # a uniform prior cancels in softmax: an export that lost log pi would still match
             out = tmp_path_factory.mktemp(name) / f"model_{precision}.onnx"
             cache[(name, precision)] = model, export_onnx(model, out, precision=precision)
         return cache[(name, precision)]
@@ -58,7 +58,7 @@ def torch_outputs(model, frames):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_full_and_split_graphs_match_pytorch(exported, name):
     model, paths = exported(name)
-    full = onnx_session(paths["model"])
+    full = onnx_session(paths["full"])
     split = onnx_session(paths["frame_encoder"]), onnx_session(paths["head"])
     for batch in (1, 3):
         frames = random_frames(batch, model.cfg.num_frames, model.cfg.vision.image_size, seed=batch).numpy()
@@ -74,7 +74,7 @@ def test_full_and_split_graphs_match_pytorch(exported, name):
 
 def test_graph_holds_folded_constants_and_no_text_or_dictionary_weights(exported):
     model, paths = exported("default")
-    proto = onnx.load(paths["model"])
+    proto = onnx.load(paths["full"])
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
     def holds(value):
@@ -103,7 +103,7 @@ def test_graph_holds_folded_constants_and_no_text_or_dictionary_weights(exported
 
 def test_intervention_is_one_node_with_plugin_attributes_and_a_local_function(exported):
     model, paths = exported("default")
-    proto = onnx.load(paths["model"])
+    proto = onnx.load(paths["full"])
     nodes = [n for n in proto.graph.node if n.domain == DOMAIN]
     assert [n.op_type for n in nodes] == [OP_TYPE]
     node = nodes[0]
@@ -120,7 +120,7 @@ def test_intervention_is_one_node_with_plugin_attributes_and_a_local_function(ex
     # The frame encoder has no intervention, and the model without it has no node.
     assert not onnx.load(paths["frame_encoder"]).functions
     _, plain = exported("no-interventions")
-    assert not any(n.domain == DOMAIN for n in onnx.load(plain["model"]).graph.node)
+    assert not any(n.domain == DOMAIN for n in onnx.load(plain["full"]).graph.node)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -169,8 +169,8 @@ def assert_reduced_except_fragile_parts(proto: onnx.ModelProto, reduced: int) ->
 
 def test_fp16_export_keeps_layernorm_softmax_and_logit_scale_fp32_and_stays_within_tolerance(exported):
     model, paths = exported("multi-label-attention-pool-F3", "fp16")
-    assert_reduced_except_fragile_parts(onnx.load(paths["model"]), TensorProto.FLOAT16)
-    full = onnx_session(paths["model"])
+    assert_reduced_except_fragile_parts(onnx.load(paths["full"]), TensorProto.FLOAT16)
+    full = onnx_session(paths["full"])
     split = onnx_session(paths["frame_encoder"]), onnx_session(paths["head"])
     frames = random_frames(3, model.cfg.num_frames, model.cfg.vision.image_size, seed=5).numpy()
     reference = torch_outputs(model, torch.from_numpy(frames))
@@ -185,7 +185,7 @@ def test_bf16_conversion_keeps_the_same_parts_fp32_and_rounds_weights_to_nearest
     bf16 graphs; TensorRT's parser builds it in test_trt_parser, the GPU test
     checks its numbers)."""
     _, paths = exported("multi-label-attention-pool-F3")
-    fp32 = onnx.load(paths["model"])
+    fp32 = onnx.load(paths["full"])
     bf16 = convert_precision(fp32, "bf16")
     assert_reduced_except_fragile_parts(bf16, TensorProto.BFLOAT16)
     before = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
@@ -199,7 +199,8 @@ def test_bf16_conversion_keeps_the_same_parts_fp32_and_rounds_weights_to_nearest
 def test_metadata_round_trips_for_every_graph(exported, name):
     model, paths = exported(name)
     cfg = model.cfg
-    for role, path in zip(("full", "frame_encoder", "head"), (paths["model"], paths["frame_encoder"], paths["head"])):
+    assert list(paths) == ["full", "frame_encoder", "head"]  # the roles are the metadata's graph_role
+    for role, path in paths.items():
         meta = read_metadata(path)
         assert meta["graph_role"] == role and meta["precision"] == "fp32" and meta["tokens_dtype"] == "float32"
         assert meta["classes"] == model.class_names and meta["multi_label"] == cfg.multi_label
@@ -216,8 +217,8 @@ def test_sampling_from_checkpoint_extra_is_recorded(make_model, tmp_path):
     model = make_model()
     model.checkpoint_extra = {"sampling": {"stream_fps": 2.0, "window_seconds": 2.0}}
     paths = export_onnx(model, tmp_path / "m.onnx", split=False)
-    assert set(paths) == {"model"} and not (tmp_path / "m.head.onnx").exists()
-    sampling = read_metadata(paths["model"])["sampling"]
+    assert set(paths) == {"full"} and not (tmp_path / "m.head.onnx").exists()
+    sampling = read_metadata(paths["full"])["sampling"]
     assert sampling["stream_fps"] == 2.0 and sampling["window_seconds"] == 2.0
 
 
@@ -254,7 +255,7 @@ TAMPERS = {
 def test_tampered_model_is_rejected_by_the_runtime_loader(exported, tmp_path, case):
     _, paths = exported("default")
     tamper, expected = TAMPERS[case]
-    proto = onnx.load(paths["model"])
+    proto = onnx.load(paths["full"])
     tamper(proto)
     path = tmp_path / "tampered.onnx"
     onnx.save(proto, path)

@@ -64,9 +64,10 @@ def test_unwritable_output_and_low_opset(checkpoint, tmp_path):
     assert_one_line_error(run("--ckpt", checkpoint, "--opset", "13"), "opset 13", "needs opset >= 17")
 
 
-def test_debug_shows_the_exception(tmp_path):
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(tmp_path):
     result = run("--ckpt", tmp_path / "absent.pt", "--debug")
-    assert result.exit_code != 0 and "no such file" in str(result.exception)
+    assert result.exit_code == 1 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("cmdcl-export: error: ") and "no such file" in result.stderr
 
 
 def test_engine_without_tensorrt_gpu_is_a_one_line_error(checkpoint):

@@ -21,7 +21,8 @@ def test_matches_reference(dtype, shape, block_l):
 
     b, seq_len, h, d, c, kz = shape
     generator = torch.Generator(device="cuda").manual_seed(0)
-    inputs = [torch.randn(*s, device="cuda", generator=generator).to(dtype) for s in ((b, seq_len, h * d), (h, c, d), (h, c, d), (h, kz, d), (h, kz, d))]
+    shapes = ((b, seq_len, h * d), (h, c, d), (h, c, d), (h, kz, d), (h, kz, d))
+    inputs = [torch.randn(*s, device="cuda", generator=generator).to(dtype) for s in shapes]
     inputs.append(torch.log_softmax(torch.randn(kz, device="cuda", generator=generator), 0).to(dtype))
     out = torch.full((b, seq_len, 2 * h * d), float("nan"), device="cuda", dtype=dtype)
     causal_intervention_triton(*inputs, h, d**-0.5, block_l=block_l, out=out)
@@ -45,7 +46,7 @@ def test_model_uses_kernel_on_cuda():
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=["fp32", "fp16", "bf16"])
 def test_fused_q_projection(dtype):
-    from cmdcl.kernels.triton_kernel import causal_intervention_triton_fused_q
+    from cmdcl.kernels.triton_fused_q import causal_intervention_triton_fused_q
 
     b, seq_len, h, d, c, kz, in_dim = 3, 77, 8, 64, 37, 301, 512
     generator = torch.Generator(device="cuda").manual_seed(0)

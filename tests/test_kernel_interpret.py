@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-TOLERANCE = {"float32": 1e-4, "float16": 5e-3}  # DESIGN.md section 7
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3}  # docs/design.md section 7
 
 # name: (dtype, B, L, h, d, C, Kz, block_l); sizes chosen to leave partial tiles everywhere.
 CASES = {
@@ -42,14 +42,15 @@ def run_cases() -> dict:
 
     from cmdcl.kernels import causal_intervention, triton_kernel
     from cmdcl.kernels.reference import causal_intervention_reference
+    from cmdcl.kernels.triton_fused_q import causal_intervention_triton_fused_q
     from cmdcl.kernels.triton_kernel import causal_intervention_triton
 
     results = {}
     generator = torch.Generator().manual_seed(0)
     for name, (dtype_name, b, seq_len, h, d, c, kz, block_l) in CASES.items():
         dtype = getattr(torch, dtype_name)
-        q, kt, vt = torch.randn(b, seq_len, h * d, generator=generator), torch.randn(h, c, d, generator=generator), torch.randn(h, c, d, generator=generator)
-        kz_, vz = torch.randn(h, kz, d, generator=generator), torch.randn(h, kz, d, generator=generator)
+        shapes = ((b, seq_len, h * d), (h, c, d), (h, c, d), (h, kz, d), (h, kz, d))
+        q, kt, vt, kz_, vz = (torch.randn(*s, generator=generator) for s in shapes)
         prior = torch.log_softmax(3 * torch.randn(kz, generator=generator), 0)
         inputs = [t.to(dtype) for t in (q, kt, vt, kz_, vz, prior)]
         ref = causal_intervention_reference(*(t.float() for t in inputs), h, d**-0.5)
@@ -60,25 +61,28 @@ def run_cases() -> dict:
     # Zero prior on the first 40 dictionary entries (log prior -inf): a whole
     # memory tile that contributes nothing must not turn into NaN.
     h, d, kz = 2, 16, 70
-    q, kz_, vz = torch.randn(1, 9, h * d, generator=generator), torch.randn(h, kz, d, generator=generator), torch.randn(h, kz, d, generator=generator)
-    kt, vt = torch.randn(h, 3, d, generator=generator), torch.randn(h, 3, d, generator=generator)
+    q, kz_, vz, kt, vt = (torch.randn(*s, generator=generator) for s in ((1, 9, h * d), (h, kz, d), (h, kz, d), (h, 3, d), (h, 3, d)))
     prior = torch.log_softmax(torch.randn(kz, generator=generator), 0)
     prior[:40] = float("-inf")
     out = causal_intervention_triton(q, kt, vt, kz_, vz, prior, h, d**-0.5, block_l=16)
     ref = causal_intervention_reference(q, kt, vt, kz_, vz, prior, h, d**-0.5)
-    results["fp32 -inf log prior on a whole tile"] = {"rel_error": ((out - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
+    results["fp32 -inf log prior on a whole tile"] = {
+        "rel_error": ((out - ref).norm() / ref.norm()).item(),
+        "finite": bool(torch.isfinite(out).all()),
+    }
 
     # Query projection fused into the kernel: q = x W^T + b, D_in not a tile multiple.
     for name, dtype, in_dim in (("fused Q projection fp32", torch.float32, 40), ("fused Q projection fp16", torch.float16, 70)):
         b, seq_len, h, d, c, kz = 2, 21, 2, 16, 7, 45
-        x, weight, bias = torch.randn(b, seq_len, in_dim, generator=generator), torch.randn(h * d, in_dim, generator=generator) / in_dim**0.5, torch.randn(h * d, generator=generator)
+        x = torch.randn(b, seq_len, in_dim, generator=generator)
+        weight, bias = torch.randn(h * d, in_dim, generator=generator) / in_dim**0.5, torch.randn(h * d, generator=generator)
         memories = [torch.randn(h, n, d, generator=generator) for n in (c, c, kz, kz)]
         prior = torch.log_softmax(torch.randn(kz, generator=generator), 0)
         inputs = [t.to(dtype) for t in (x, weight, bias, *memories, prior)]
         x, weight, bias, *rest = (t.float() for t in inputs)
         ref = causal_intervention_reference(x @ weight.T + bias, *rest, h, d**-0.5)
         out = torch.full((b, seq_len, 2 * h * d), float("nan"), dtype=dtype)
-        triton_kernel.causal_intervention_triton_fused_q(*inputs, h, d**-0.5, block_l=16, out=out)
+        causal_intervention_triton_fused_q(*inputs, h, d**-0.5, block_l=16, out=out)
         results[name] = {"rel_error": ((out.float() - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(out).all())}
 
     # Through the dispatcher, default scale.

@@ -3,10 +3,10 @@
 import av
 import numpy as np
 import pytest
-from test_video import BAD_FILES, frame_index, ramp
 
 from cmdcl.data import video
 from cmdcl.data.video import VideoError, frame_to_rgb, read_clip, segment_times, write_video
+from test_video import BAD_FILES, frame_index, ramp
 
 
 def packet_scan(path):
@@ -160,11 +160,12 @@ def test_cmdcl_bench_measures_decoding_per_sample_for_both_samplings(tmp_path, m
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     result = CliRunner().invoke(bench_cli, ["--backend", "torch", "--frames", "4", "--classes", "3", "--iters", "1", "--warmup", "0",
                                             "--stages", "decode_video,end_to_end,decode_per_sample", "--sampling", "keyframe",
-                                            "--long-minutes", "0.1", "--json", str(tmp_path / "b.json"), "-q"])  # fmt: skip
+                                            "--long-minutes", "0.1", "--json", str(tmp_path / "b.json"), "-q"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "b.json").read_text())
     records = {r["stage"]: r for r in report["records"]}
-    assert set(records) == {"decode_video", "end_to_end", *(f"decode_per_sample_{s}{v}" for s in ("exact", "keyframe") for v in ("", "_long"))}
+    assert set(records) == {"decode_video", "end_to_end",
+                            *(f"decode_per_sample_{s}{v}" for s in ("exact", "keyframe") for v in ("", "_long"))}
     assert "keyframe sampling" in records["decode_video"]["note"] and "keyframe sampling" in records["end_to_end"]["note"]
     assert report["settings"]["sampling"] == "keyframe"
     assert records["decode_per_sample_keyframe"]["frames_per_sample"] == 1 < records["decode_per_sample_exact"]["frames_per_sample"]

@@ -89,7 +89,8 @@ def test_breakfast_layout(tmp_path):
 
 def test_coin_layout(tmp_path):
     database = {
-        "vid1": {"recipe_type": 12, "class": "MakeTea", "subset": "training", "annotation": [{"segment": [1.0, 4.5], "label": "boil water"}]},
+        "vid1": {"recipe_type": 12, "class": "MakeTea", "subset": "training",
+                 "annotation": [{"segment": [1.0, 4.5], "label": "boil water"}]},
         "vid2": {"recipe_type": 3, "class": "ChangeTyre", "subset": "testing", "annotation": []},
         "vid3": {"recipe_type": 12, "class": "MakeTea", "subset": "training", "annotation": []},  # not downloaded
     }

@@ -15,13 +15,13 @@ import onnx
 import pytest
 import torch
 
+from cmdcl.artifacts import read_sidecar
 from cmdcl.export import export_onnx
 from cmdcl.export.metadata import ModelFileError, check_metadata, read_metadata
 from cmdcl.model import CheckpointError, CMDCLConfig, load_checkpoint, save_checkpoint
 from cmdcl.model import checkpoint as checkpoint_module
 from cmdcl.model.config import sampling_problem
 from cmdcl.runtime import BackendError, load_backend
-from cmdcl.runtime.backends import TensorRTBackend
 from conftest import small_config
 
 
@@ -37,7 +37,7 @@ def exports(tmp_path_factory):
     """Model A exported with its split graphs; model B (same config, other weights) without."""
     a = export_onnx(_model(seed=0), tmp_path_factory.mktemp("a") / "m.onnx")
     b = export_onnx(_model(seed=1), tmp_path_factory.mktemp("b") / "m.onnx", split=False)
-    return a, b["model"]
+    return a, b["full"]
 
 
 def _frames(n=2, size=32):
@@ -47,7 +47,7 @@ def _frames(n=2, size=32):
 # ---- split graphs from another export ------------------------------------------------------------------------------
 def test_split_graphs_of_the_same_export_are_used(exports):
     a, _ = exports
-    backend = load_backend(a["model"])
+    backend = load_backend(a["full"])
     tokens = backend.encode_frames(_frames())
     assert backend.classify_tokens(np.stack([tokens[[0, 1, 0, 1]]])).shape == (1, 3)
 
@@ -70,7 +70,7 @@ def test_stream_mode_refuses_split_graphs_left_from_another_export(exports, tmp_
 
 def test_a_split_graph_in_the_wrong_role_is_refused(exports, tmp_path):
     a, _ = exports
-    shutil.copyfile(a["model"], tmp_path / "m.onnx")
+    shutil.copyfile(a["full"], tmp_path / "m.onnx")
     shutil.copyfile(a["head"], tmp_path / "m.frame_encoder.onnx")
     with pytest.raises(BackendError, match="is a head graph, not the frame_encoder graph of"):
         load_backend(tmp_path / "m.onnx").encode_frames(_frames())
@@ -82,25 +82,29 @@ def test_engine_sidecars_are_validated_and_split_engines_compared(exports, tmp_p
 
     a, b = exports
 
-    def sidecar(name, metadata):
-        (tmp_path / f"{name}.json").write_text(json.dumps({"metadata": metadata}, default=str))
+    def sidecar(name, metadata, profile=None):
+        profile = profile or {"min": 1, "opt": 4, "max": 8}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"metadata": metadata, "batch_profile": profile}, default=str))
         return tmp_path / name
 
-    good = {k: v for k, v in read_metadata(a["model"]).items() if k != "path"}
+    good = {k: v for k, v in read_metadata(a["full"]).items() if k != "path"}
     plan = sidecar("m.plan", good)
-    assert TensorRTBackend.sidecar_metadata(plan)["classes"] == ["a", "b", "c"]
+    assert read_sidecar(plan)["metadata"]["classes"] == ["a", "b", "c"]
     stale = sidecar("m.head.plan", {**read_metadata(b), "graph_role": "head"})
     with pytest.raises(ModelFileError, match="m.head.plan: its weights_hash differs from that of .*m.plan"):
-        check_same_export(plan, good, stale, TensorRTBackend.sidecar_metadata(stale), "head")
+        check_same_export(plan, good, stale, read_sidecar(stale)["metadata"], "head")
     hostile = {"num_frames": "4", "multi_label": 1, "sampling": {**good["sampling"], "stream_fps": 0}}
     for key, value in hostile.items():
-        with pytest.raises(BackendError) as info:
-            TensorRTBackend.sidecar_metadata(sidecar("bad.plan", {**good, key: value}))
+        with pytest.raises(ModelFileError) as info:
+            read_sidecar(sidecar("bad.plan", {**good, key: value}))
         assert str(info.value).startswith(f"{tmp_path / 'bad.plan.json'}: metadata ") and key in str(info.value)
-    for text in ("{not json", "[" * 100_000, json.dumps({"metadata": [1]}), json.dumps({})):
+    for profile in ({"min": 1, "opt": 9, "max": 8}, {"min": 0, "opt": 1, "max": 1}, {"min": 1, "opt": 1, "max": "8"}, [1, 8]):
+        with pytest.raises(ModelFileError, match="bad.plan.json: batch_profile .* is not integers 1 <= min <= opt <= max"):
+            read_sidecar(sidecar("bad.plan", good, profile))
+    for text in ("{not json", "[" * 100_000, json.dumps({"metadata": [1]}), json.dumps({}), json.dumps({"metadata": good})):
         (tmp_path / "bad.plan.json").write_text(text)
-        with pytest.raises(BackendError, match="bad.plan.json: "):
-            TensorRTBackend.sidecar_metadata(tmp_path / "bad.plan")
+        with pytest.raises(ModelFileError, match="bad.plan.json: "):
+            read_sidecar(tmp_path / "bad.plan")
 
 
 # ---- bounded config ------------------------------------------------------------------------------------------------
@@ -317,7 +321,7 @@ def _metadata_error(path, *fragments):
 
 def test_export_metadata_numbers_are_bounded(exports, tmp_path):
     a, _ = exports
-    meta = read_metadata(a["model"])
+    meta = read_metadata(a["full"])
     sampling, config = meta["sampling"], meta["config"]
     cases = [
         ({"sampling": {**sampling, "stream_fps": 0}}, "metadata sampling stream_fps 0 is not a number in [0.001, 1000]"),
@@ -333,12 +337,12 @@ def test_export_metadata_numbers_are_bounded(exports, tmp_path):
         ({"num_frames": "9" * 5000}, "'num_frames' is malformed"),
     ]
     for i, (values, expected) in enumerate(cases):
-        _metadata_error(_tampered(a["model"], tmp_path / f"t{i}.onnx", **values), expected)
+        _metadata_error(_tampered(a["full"], tmp_path / f"t{i}.onnx", **values), expected)
 
 
 def test_metadata_of_a_sidecar_is_checked_like_the_file(exports):
     a, _ = exports
-    meta = read_metadata(a["model"])
+    meta = read_metadata(a["full"])
     assert check_metadata("m.plan.json", dict(meta)) == meta
     with pytest.raises(ModelFileError, match="^m.plan.json: metadata is missing: classes$"):
         check_metadata("m.plan.json", {k: v for k, v in meta.items() if k != "classes"})

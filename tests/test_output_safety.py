@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_runtime import tiny_checkpoint, videos  # noqa: F401  (fixtures)
 
 from cmdcl.output_files import OutputError, atomic_write, check_outputs, same_file
 from cmdcl.runtime.output import NON_FINITE_ERROR, RecordWriter, partial_path
+from test_runtime import tiny_checkpoint, videos  # noqa: F401  (fixtures)
 
 NO_MODEL = "no-such-model.onnx"  # a run that got as far as loading the model would fail on it instead
 
@@ -201,8 +201,8 @@ def test_run_refuses_outputs_that_are_inputs_the_model_or_each_other(tiny_checkp
     ]
     before = {p: p.read_bytes() for p in (video, model)}
     for args, fragment in cases:
-        line = one_line(invoke(main, [*args, *(["--engine", NO_MODEL] if "--engine" not in args else [])]), 2, fragment)
-        assert "model:" not in line  # refused before the model was loaded
+        line = one_line(invoke(main, [*args, *(["--engine", NO_MODEL] if "--engine" not in args else [])]), 1, fragment)
+        assert NO_MODEL not in line  # refused before the model was loaded
         assert {p: p.read_bytes() for p in before} == before
     assert sorted(os.listdir(tmp_path)) == ["hard.jsonl", "link.jsonl", "m.pt", "v.mp4"]  # nothing written
 
@@ -212,16 +212,16 @@ def test_run_checks_the_output_can_be_written_before_the_model_loads(videos, tmp
 
     for output, fragment in [(tmp_path / "missing" / "o.jsonl", "does not exist"), (tmp_path, "is a directory"),
                              ("/proc/cmdcl-out.jsonl", "cannot write in /proc")]:
-        one_line(invoke(main, [videos[0], "--engine", NO_MODEL, "--output", output]), 2, fragment)
+        one_line(invoke(main, [videos[0], "--engine", NO_MODEL, "--output", output]), 1, fragment)
     partial_path(tmp_path / "o.jsonl").write_text("{}\n")
-    one_line(invoke(main, [videos[0], "--engine", NO_MODEL, "--output", tmp_path / "o.jsonl"]), 2, "o.jsonl.partial: exists")
+    one_line(invoke(main, [videos[0], "--engine", NO_MODEL, "--output", tmp_path / "o.jsonl"]), 1, "o.jsonl.partial: exists")
     assert partial_path(tmp_path / "o.jsonl").read_text() == "{}\n"
 
 
 def test_run_model_that_fails_to_load_leaves_no_partial_file(videos, tmp_path):  # noqa: F811
     from cmdcl.cli.run import main
 
-    one_line(invoke(main, [videos[0], "--engine", NO_MODEL, "--output", tmp_path / "o.jsonl"]), 2, "no such file")
+    one_line(invoke(main, [videos[0], "--engine", NO_MODEL, "--output", tmp_path / "o.jsonl"]), 1, "no such file")
     assert os.listdir(tmp_path) == []
 
 
@@ -386,7 +386,7 @@ def test_triton_repo_never_replaces_a_directory_it_did_not_write(exported, tmp_p
     (package / "__init__.py").write_text("# the user's package\n")
     (package / "config.pbtxt").write_text('name: "cmdcl"\n')  # even a Triton config, when not ours
     with pytest.raises(TritonRepoError, match=r"cmdcl: exists and was not written by cmdcl-export"):
-        write_triton_repo(exported["model"], tmp_path)
+        write_triton_repo(exported["full"], tmp_path)
     assert sorted(p.name for p in package.rglob("*")) == ["__init__.py", "cli", "config.pbtxt"]
     assert sorted(os.listdir(tmp_path)) == ["cmdcl"]  # nothing else written, no temporary left
 
@@ -395,11 +395,11 @@ def test_triton_repo_is_swapped_in_and_keeps_everything_else(exported, tmp_path)
     from cmdcl.serve.triton_repo import MARKER, write_triton_repo
 
     repo = tmp_path / "repo"
-    write_triton_repo(exported["model"], repo, max_batch=2)
+    write_triton_repo(exported["full"], repo, max_batch=2)
     (repo / "head" / "stale.txt").write_text("from the older repository")
     (repo / "other_model").mkdir()
     (repo / "other_model" / "config.pbtxt").write_text('name: "other_model"\n')
-    written = write_triton_repo(exported["model"], repo, max_batch=4)
+    written = write_triton_repo(exported["full"], repo, max_batch=4)
     assert all(path.read_text().splitlines()[0] == MARKER for path in written)
     assert "max_batch_size: 4" in (repo / "head" / "config.pbtxt").read_text()
     assert not (repo / "head" / "stale.txt").exists()  # our model directory was replaced whole
@@ -412,8 +412,8 @@ def test_export_refuses_files_inside_the_model_directories_it_would_replace(expo
     from cmdcl.serve.triton_repo import write_triton_repo
 
     repo = tmp_path / "repo"
-    write_triton_repo(exported["model"], repo)
-    ckpt = exported["model"].with_suffix(".pt")
+    write_triton_repo(exported["full"], repo)
+    ckpt = exported["full"].with_suffix(".pt")
     out = repo / "head" / "mine.onnx"
     one_line(invoke(main, ["--ckpt", ckpt, "--out", out, "--no-verify", "--triton-repo", repo]), 1,
              f"--out {out} lies in {repo / 'head'}, which writing the repository replaces")
@@ -428,18 +428,18 @@ def test_build_refuses_an_engine_over_its_model_before_needing_tensorrt(exported
     from cmdcl.cli.build import main
 
     model = tmp_path / "m.onnx"
-    model.write_bytes(exported["model"].read_bytes())
+    model.write_bytes(exported["full"].read_bytes())
     one_line(invoke(main, [model, "--engine", model, "--no-split"]), 1, f"--engine {model} is the model {model}")
     one_line(invoke(main, [model, "--engine", tmp_path / "e.plan", "--timing-cache", tmp_path / "e.plan.json"]), 1,
              "are the same file")
-    assert model.read_bytes() == exported["model"].read_bytes()
+    assert model.read_bytes() == exported["full"].read_bytes()
 
 
 def test_bench_refuses_an_output_over_its_inputs_before_measuring(exported, tmp_path):
     from cmdcl.cli.bench import main
 
-    one_line(invoke(main, ["--engine", exported["model"], "--json", exported["model"]]), 2, "--json", "is the --engine model")
-    one_line(invoke(main, ["--plot", tmp_path / "r.png", "--markdown", tmp_path / "r.png"]), 2, "are the same file")
+    one_line(invoke(main, ["--engine", exported["full"], "--json", exported["full"]]), 1, "--json", "is the --engine model")
+    one_line(invoke(main, ["--plot", tmp_path / "r.png", "--markdown", tmp_path / "r.png"]), 1, "are the same file")
 
 
 def test_synth_never_overwrites_a_folder_it_did_not_write(tmp_path):

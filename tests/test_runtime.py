@@ -12,6 +12,7 @@ from cmdcl.data.video import Reconnect, VideoError, iter_grid_frames, read_clip,
 from cmdcl.model import CMDCL, save_checkpoint, tiny_config
 from cmdcl.runtime import BackendError, Recognizer, load_backend
 from cmdcl.runtime.backends import TorchBackend
+from conftest import skew_priors
 
 CLASSES = ["make tea", "make coffee", "fry egg", "make pancake"]
 
@@ -29,7 +30,7 @@ def moving_square(n, seed, height=72, width=96):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = CMDCL(tiny_config(num_frames=4), CLASSES).eval()  # F = 4 keeps the tests quick
+    model = skew_priors(CMDCL(tiny_config(num_frames=4), CLASSES)).eval()  # F = 4 keeps the tests quick
     return save_checkpoint(model, tmp_path_factory.mktemp("model") / "tiny.pt")
 
 
@@ -46,7 +47,7 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory):
     from cmdcl.export import export_onnx
     from cmdcl.model import load_checkpoint
 
-    return export_onnx(load_checkpoint(tiny_checkpoint), tmp_path_factory.mktemp("onnx") / "tiny.onnx")["model"]
+    return export_onnx(load_checkpoint(tiny_checkpoint), tmp_path_factory.mktemp("onnx") / "tiny.onnx")["full"]
 
 
 class CountingBackend(TorchBackend):
@@ -74,7 +75,8 @@ def scores(record):
 def assert_same_records(a, b, atol=1e-5):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert {k: v for k, v in x.items() if k not in ("top", "latency_s")} == {k: v for k, v in y.items() if k not in ("top", "latency_s")}
+        assert ({k: v for k, v in x.items() if k not in ("top", "latency_s")}
+                == {k: v for k, v in y.items() if k not in ("top", "latency_s")})
         assert [e["label"] for e in x.get("top", [])] == [e["label"] for e in y.get("top", [])]
         assert np.allclose([e["score"] for e in x.get("top", [])], [e["score"] for e in y.get("top", [])], atol=atol)
 
@@ -133,7 +135,7 @@ def test_video_mode_ort_matches_torch(tiny_onnx, tiny_checkpoint, videos):
     frames = np.stack([read_clip(v, 4, 96).frames for v in videos])
     ref = torch_backend.classify_clips(frames)
     out = ort_backend.classify_clips(frames)
-    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-4  # DESIGN.md section 7, fp32
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) <= 1e-4  # docs/design.md section 7, fp32
     assert_same_records(list(Recognizer(ort_backend).predict_many(videos)), list(Recognizer(torch_backend).predict_many(videos)))
 
 

@@ -2,7 +2,7 @@
 
 One server per module, started from the serving venv on free loopback ports and
 stopped by its own process group at the end. Answers are compared with the
-offline runtime (ONNX Runtime on the same files) at DESIGN.md's fp32 tolerance.
+offline runtime (ONNX Runtime on the same files) at docs/design.md's fp32 tolerance.
 """
 
 import importlib.util
@@ -13,6 +13,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
+from cmdcl.data.video import write_video
+from cmdcl.runtime import Recognizer, load_backend
+from cmdcl.serve.client import relative_error
+from cmdcl.serve.server import RequestError, model_functions
 from serve_helpers import (
     SERVE_BIN,
     export_small_model,
@@ -21,11 +26,6 @@ from serve_helpers import (
     require_serve_venv,
     running_server,
 )
-
-from cmdcl.data.video import write_video
-from cmdcl.runtime import Recognizer, load_backend
-from cmdcl.serve.client import relative_error
-from cmdcl.serve.server import RequestError, model_functions
 
 MAX_BATCH = 4
 
@@ -74,7 +74,7 @@ def test_served_answers_equal_offline_runtime(server, offline):
     frames = np.random.default_rng(1).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
     status, served = infer_json(server["base"], "cmdcl", "frames", frames)
     assert status == 200, served
-    expected = offline.infer("model", {"frames": frames})
+    expected = offline.infer("full", {"frames": frames})
     for name in ("logits", "embedding"):
         assert relative_error(served[name], expected[name]) <= 1e-4, name
     order = np.argsort(-offline.probabilities(expected["logits"]), axis=1, kind="stable")
@@ -184,12 +184,12 @@ def test_serve_cli_errors(tmp_path):
 
     if importlib.util.find_spec("pytriton") is None:  # the main venv: says where PyTriton lives
         result = CliRunner().invoke(main, ["--engine", str(tmp_path / "m.onnx")])
-        assert result.exit_code == 2 and "make serve-venv" in result.stderr
+        assert result.exit_code == 1 and "make serve-venv" in result.stderr
     require_serve_venv()
     http, grpc = free_ports(2)
     result = subprocess.run([str(SERVE_BIN / "cmdcl-serve"), "--engine", str(tmp_path / "absent.onnx"), "--http-port", str(http),
                              "--grpc-port", str(grpc)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and result.stderr.strip() == f"cmdcl-serve: error: {tmp_path / 'absent.onnx'}: no such file"
+    assert result.returncode == 1 and result.stderr.strip() == f"cmdcl-serve: error: {tmp_path / 'absent.onnx'}: no such file"
 
 
 def test_client_errors_are_one_line(model_dir):
@@ -201,7 +201,7 @@ def test_client_errors_are_one_line(model_dir):
         result = subprocess.run([str(SERVE_BIN / "cmdcl-client"), *args, "--url", f"127.0.0.1:{port}"],
                                 capture_output=True, text=True, timeout=60)
         lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("cmdcl-client: error: "), result.stderr
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("cmdcl-client: error: "), result.stderr
         assert ("absent.mp4" if "absent.mp4" in args[1] else f"127.0.0.1:{port}") in lines[0]
 
 

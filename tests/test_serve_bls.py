@@ -17,6 +17,10 @@ import threading
 
 import numpy as np
 import pytest
+
+from cmdcl.runtime import load_backend
+from cmdcl.serve.client import relative_error
+from cmdcl.serve.triton_repo import write_triton_repo
 from serve_helpers import (
     CLASSES,
     SERVE_BIN,
@@ -27,10 +31,6 @@ from serve_helpers import (
     require_serve_venv,
     running_server,
 )
-
-from cmdcl.runtime import load_backend
-from cmdcl.serve.client import relative_error
-from cmdcl.serve.triton_repo import write_triton_repo
 
 STAND_IN = '''"""Test stand-in for Triton's ONNX Runtime backend: runs 1/model.onnx with onnxruntime."""
 import json
@@ -79,7 +79,7 @@ def triton(tmp_path_factory):
     root = tmp_path_factory.mktemp("bls")
     paths = export_small_model(root)
     repo = root / "repo"
-    write_triton_repo(paths["model"], repo, max_batch=4, max_frames=MAX_FRAMES, stride_frames=STRIDE)
+    write_triton_repo(paths["full"], repo, max_batch=4, max_frames=MAX_FRAMES, stride_frames=STRIDE)
     for role in ("frame_encoder", "head"):
         config = repo / role / "config.pbtxt"
         config.write_text(config.read_text().replace('backend: "onnxruntime"\nplatform: "onnxruntime_onnx"', 'backend: "python"'))
@@ -98,7 +98,7 @@ def triton(tmp_path_factory):
                "--allow-metrics=false", "--exit-timeout-secs=5"]
     base = f"http://127.0.0.1:{http}"
     with running_server(command, root / "tritonserver.log", [f"{base}/v2/health/ready"], env=env) as process:
-        yield {"base": base, "process": process, "offline": load_backend(paths["model"])}
+        yield {"base": base, "process": process, "offline": load_backend(paths["full"])}
 
 
 def infer(base, model, name, array, parameters=None):
@@ -115,7 +115,7 @@ def test_bls_clip_model_equals_offline_runtime(triton):
     frames = np.random.default_rng(2).integers(0, 256, (3, NUM_FRAMES, 32, 32, 3), dtype=np.uint8)  # 12 frames > MAX_FRAMES
     status, served = infer(triton["base"], "cmdcl", "frames", frames)
     assert status == 200, served
-    expected = triton["offline"].infer("model", {"frames": frames})
+    expected = triton["offline"].infer("full", {"frames": frames})
     for name in ("logits", "embedding"):
         assert relative_error(served[name], expected[name]) <= 1e-4, name
 

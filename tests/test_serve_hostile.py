@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from serve_helpers import (
     ROOT,
     SERVE_BIN,
@@ -170,7 +171,7 @@ def test_busy_port_is_one_line_at_once(model_dir):
         result = subprocess.run([str(SERVE_BIN / "cmdcl-serve"), "--engine", str(model_dir / "model.onnx"), "--http-port", str(http),
                                  "--grpc-port", str(grpc)], capture_output=True, text=True, timeout=60)
     assert time.monotonic() - started < 30
-    assert result.returncode == 2 and result.stderr.strip() == \
+    assert result.returncode == 1 and result.stderr.strip() == \
         f"cmdcl-serve: error: 127.0.0.1:{grpc} (--grpc-port) is in use by another process", result.stderr
 
 

@@ -265,7 +265,8 @@ def test_ctrl_c_ends_a_stream_run_at_once_while_a_source_is_stalled(tmp_path, cl
     process = run_in_subprocess([url, good, "--mode", "stream", "--window", "2", "--stride", "1", "--timeout", "60", "-o", out, "-q"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for_lines(partial_path(out), 4, process, seconds=180)  # the good file's windows and summary (a loaded machine is slow to start)
+        # the good file's windows and summary (a loaded machine is slow to start)
+        wait_for_lines(partial_path(out), 4, process, seconds=180)
         signalled = time.monotonic()
         process.send_signal(2)
         _, stderr = process.communicate(timeout=30)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cmdcl.artifacts import sidecar_path
 from cmdcl.cli.build import main as build_cli
-from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, sidecar_path, split_pairs
+from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, split_pairs
+from conftest import skew_priors
 
 
 def run_cli(*args):
@@ -60,9 +62,9 @@ def test_bad_options(onnx_file, options, message):
 
 
 def test_reduced_precision_export_cannot_make_another_precision(monkeypatch, tmp_path):
-    from conftest import small_config
     from cmdcl.export import export_onnx
     from cmdcl.model import CMDCL
+    from conftest import small_config
 
     fp16 = export_onnx(CMDCL(small_config(), ["a", "b"]).eval(), tmp_path / "m16.onnx", precision="fp16", split=False)
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(Builder=object))
@@ -70,7 +72,7 @@ def test_reduced_precision_export_cannot_make_another_precision(monkeypatch, tmp
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "stand-in GPU")
     with pytest.raises(EngineBuildError, match="is a fp16 export: a bf16 engine needs an fp32"):
-        build_engine(fp16["model"], tmp_path / "m.plan", precision="bf16")
+        build_engine(fp16["full"], tmp_path / "m.plan", precision="bf16")
     assert not (tmp_path / "m.plan").exists()
 
 
@@ -127,7 +129,7 @@ def run_engine(trt, plan: bytes, inputs: dict) -> dict:
         name = engine.get_tensor_name(i)
         if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
             outputs[name] = torch.full(tuple(context.get_tensor_shape(name)), float("nan"), device="cuda",
-                                       dtype=dtypes[engine.get_tensor_dtype(name)])  # fmt: skip
+                                       dtype=dtypes[engine.get_tensor_dtype(name)])
             context.set_tensor_address(name, outputs[name].data_ptr())
     assert context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
@@ -143,10 +145,10 @@ def test_engine_matches_pytorch(tmp_path, precision, tolerance):
     from cmdcl.model import CMDCL, tiny_config
 
     torch.manual_seed(0)
-    model = CMDCL(tiny_config(), ["a", "b", "c", "d", "e"]).eval()
+    model = skew_priors(CMDCL(tiny_config(), ["a", "b", "c", "d", "e"])).eval()  # a prior lost by the engine shows
     paths = export_onnx(model, tmp_path / "m.onnx")
-    engine = build_engine(paths["model"], tmp_path / "m.plan", precision=precision, max_batch=4,
-                          timing_cache=tmp_path / "cache.bin")  # fmt: skip
+    engine = build_engine(paths["full"], tmp_path / "m.plan", precision=precision, max_batch=4,
+                          timing_cache=tmp_path / "cache.bin")
     sidecar = json.loads(sidecar_path(engine).read_text())
     assert sidecar["plugin"] == PLUGIN_ID, "the parser inlined the local function instead of using the plugin"
     assert sidecar["precision"] == precision and sidecar["tensorrt_version"] == trt.__version__
@@ -170,7 +172,7 @@ def parsed_network(tmp_path, input_shape):
         [helper.make_node("Relu", ["frames"], ["y"])], "g",
         [helper.make_tensor_value_info("frames", TensorProto.FLOAT, input_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, input_shape)],
-    )  # fmt: skip
+    )
     path = tmp_path / "relu.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
     builder = trt.Builder(trt.Logger(trt.Logger.ERROR))

@@ -18,7 +18,7 @@ from cmdcl.kernels.tensorrt_plugin import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_
 
 
 def test_names_match_the_onnx_node():
-    from cmdcl.export.intervention_node import DOMAIN, OP_TYPE, OP_VERSION
+    from cmdcl.kernels.onnx_node import DOMAIN, OP_TYPE, OP_VERSION
 
     assert (PLUGIN_NAMESPACE, PLUGIN_NAME, PLUGIN_VERSION) == (DOMAIN, OP_TYPE, str(OP_VERSION))
 

@@ -20,7 +20,6 @@ from cmdcl.train.loop import ResumeError, TrainOptions, evaluate, train
 from test_train import SIZE, make_synth
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models on a busy machine: intra-op threads only wait for each other."""
@@ -124,7 +123,8 @@ GOOD_COIN = {"recipe_type": 12, "class": "MakeTea", "subset": "training", "annot
         ({"vid1": {**GOOD_COIN, "annotation": [{"segment": ["1", 2], "label": "boil"}]}}, r"video 'vid1': bad annotation"),
         ({"vid1": {**GOOD_COIN, "annotation": [{"segment": [float("nan"), 2], "label": "boil"}]}}, r"bad segment 'nan:2:boil'"),
         ({"vid1": {**GOOD_COIN, "annotation": [{"segment": [5, 2], "label": "boil"}]}}, r"bad segment '5:2:boil': it ends before"),
-        ({"vid1": {**GOOD_COIN, "annotation": [{"segment": [0, 10**400], "label": "boil"}]}}, r"bad segment '0:inf:boil': its times must be finite"),
+        ({"vid1": {**GOOD_COIN, "annotation": [{"segment": [0, 10**400], "label": "boil"}]}},
+         r"bad segment '0:inf:boil': its times must be finite"),
         ('{"database": {"vid1": {"recipe_type": 1' + "0" * 5000 + "}}}", r"COIN\.json: not valid JSON \(Exceeds the limit"),
         ({"vid1": GOOD_COIN, "vid2": {**GOOD_COIN, "class": "FryEgg"}}, r"video 'vid2': recipe_type 12 is 'FryEgg' here but 'MakeTea'"),
         ({"../../vid1": GOOD_COIN}, r"video id '\.\./\.\./vid1' is not a plain file name"),
@@ -153,8 +153,10 @@ def charades(root, table, classes="c000 Holding a cup\nc001 Drinking from a cup\
         ("id,actions\nAB12C,c001 4 2\n", None, r"Charades_v1_train\.csv:2: bad segment '4:2:Drinking from a cup': it ends before"),
         ("id,actions\nAB12C,c000 0 1\nAB12C,c001 0 1\n", None, r"Charades_v1_train\.csv:3: video AB12C is already listed on line 2"),
         ("id,actions\n../AB12C,c000 0 1\n", None, r"Charades_v1_train\.csv:2: video id '\.\./AB12C' is not a plain file name"),
-        ("id,actions\nAB12C,c000 0 1\n", b"c000 Holding a cup\nc001 Caf\xe9\n", r"Charades_v1_classes\.txt:2: the Charades class list is not UTF-8"),
-        ("id,actions\nAB12C,c000 0 1\n", "c000 Holding a cup\nc000 Drinking\n", r"Charades_v1_classes\.txt:2: class c000 'Drinking' is listed twice"),
+        ("id,actions\nAB12C,c000 0 1\n", b"c000 Holding a cup\nc001 Caf\xe9\n",
+         r"Charades_v1_classes\.txt:2: the Charades class list is not UTF-8"),
+        ("id,actions\nAB12C,c000 0 1\n", "c000 Holding a cup\nc000 Drinking\n",
+         r"Charades_v1_classes\.txt:2: class c000 'Drinking' is listed twice"),
     ],
     ids=["utf8", "long-field", "no-id", "nan", "reversed", "duplicate", "path-id", "classes-utf8", "classes-duplicate"],
 )
@@ -255,7 +257,8 @@ def test_evaluation_skips_an_unreadable_video_with_a_warning_and_counts_it(synth
     model, out = trained
     manifest, broken, line = with_bad_video(synth["test"], tmp_path)
     report = evaluate(model, load_dataset(manifest, classes=model.class_names))
-    assert report["videos"] == 4 and len(report["skipped"]) == 1 and report["skipped"][0].startswith(f"{manifest}:{line}: {broken}: not a video")
+    assert (report["videos"] == 4 and len(report["skipped"]) == 1
+            and report["skipped"][0].startswith(f"{manifest}:{line}: {broken}: not a video"))
     result = CliRunner().invoke(eval_cli, ["--ckpt", str(out), "--data", str(manifest), "--json", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output + result.stderr
     assert f"warning: skipped {manifest}:{line}: {broken}: not a video" in result.stderr
@@ -312,21 +315,26 @@ def another_model(state):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda s: s.pop("scheduler"), r"not a complete cmdcl-train resume file \(it holds epoch, format, history, model, optimizer, options, text_init\)"),
+        (lambda s: s.pop("scheduler"),
+         r"not a complete cmdcl-train resume file \(it holds epoch, format, history, model, optimizer, options, text_init\)"),
         (lambda s: s.update(epoch=10**9), r"cannot resume: epoch 1000000000 is not one of this run's epochs 1-2"),
         (lambda s: s.update(epoch=-5), r"cannot resume: epoch -5 is not one of this run's epochs 1-2"),
         (lambda s: s.update(epoch="1"), r"cannot resume: epoch '1' is not one of"),
         (lambda s: s.update(epoch=2), r"cannot resume: its history is not one loss and accuracy for each of its 2 epochs"),
-        (lambda s: s.update(history=[{"epoch": 1, "loss": "low", "accuracy": 0.5}]), r"cannot resume: its history is not one loss and accuracy"),
+        (lambda s: s.update(history=[{"epoch": 1, "loss": "low", "accuracy": 0.5}]),
+         r"cannot resume: its history is not one loss and accuracy"),
         (lambda s: s.update(options=5), r"cannot resume: it was trained with data=None"),
         (lambda s: s.update(text_init=["clip"]), r"cannot resume: unknown text init \['clip'\]"),
-        (lambda s: s["scheduler"].update(last_epoch=7), r"cannot resume: its learning-rate schedule is not at step 2 \(1 epochs of 2 batches"),
+        (lambda s: s["scheduler"].update(last_epoch=7),
+         r"cannot resume: its learning-rate schedule is not at step 2 \(1 epochs of 2 batches"),
         (lambda s: s["scheduler"].update(base_lrs=[1.0] * 4), r"cannot resume: its learning-rate schedule is not at step 2"),
         (scale_lr, r"cannot resume: its optimizer settings \(parameter groups, learning rates, weight decay\) differ"),
         (set_step, r"cannot resume: its optimizer state does not fit this model at step 2 \(step 1e\+09"),
-        (another_model, r"cannot resume: its model state does not fit this model \(token_proj\.weight is not a torch\.float32 tensor of shape"),
+        (another_model,
+         r"cannot resume: its model state does not fit this model \(token_proj\.weight is not a torch\.float32 tensor of shape"),
         (lambda s: s["model"].popitem(), r"cannot resume: its model state does not fit this model \(different names\)"),
-        (lambda s: s["model"]["token_proj.weight"].fill_(float("nan")), r"cannot resume: its model state does not fit this model \(token_proj\.weight holds NaN or infinite values\)"),
+        (lambda s: s["model"]["token_proj.weight"].fill_(float("nan")),
+         r"cannot resume: its model state does not fit this model \(token_proj\.weight holds NaN or infinite values\)"),
     ],
     ids=["missing-field", "huge-epoch", "negative-epoch", "str-epoch", "epoch-beyond-history", "history-types", "options-type",
          "text-init", "scheduler-step", "scheduler-lr", "optimizer-lr", "optimizer-step", "another-model", "missing-tensor", "nan"],
@@ -344,7 +352,8 @@ def test_unreadable_resume_file_is_one_line(synth, trained, tmp_path):
     args = ["--data", str(synth["train"]), "--out", str(tmp_path / "model.pt"), "--epochs", "2", "--batch-size", "4", "--frames", "2",
             "--image-size", str(SIZE), "--text-init", "random", "--cache-dir", options(synth, out).cache_dir, "--resume"]
     write(resume, b"PK\x03\x04 not really a zip")
-    one_line_error(CliRunner().invoke(train_cli, args), f"{resume}: not a readable cmdcl-train resume file (not a readable torch checkpoint (not a zip archive")
+    one_line_error(CliRunner().invoke(train_cli, args),
+                   f"{resume}: not a readable cmdcl-train resume file (not a readable torch checkpoint (not a zip archive")
     resume.unlink()
     resume.mkdir()
     with pytest.raises(ValueError, match=f"^--out's resume state {re.escape(str(resume))}: is a directory, not a file"):
@@ -356,7 +365,8 @@ def test_unreadable_resume_file_is_one_line(synth, trained, tmp_path):
     with zipfile.ZipFile(f"{out}.resume") as src, zipfile.ZipFile(resume, "w", zipfile.ZIP_DEFLATED) as dst:
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info.filename))
-    one_line_error(CliRunner().invoke(train_cli, args), f"{resume}: not a readable cmdcl-train resume file (refused: archive entry", "is compressed")
+    one_line_error(CliRunner().invoke(train_cli, args), f"{resume}: not a readable cmdcl-train resume file (refused: archive entry",
+                   "is compressed")
     resume.write_bytes(open(f"{out}.resume", "rb").read())  # the genuine file still resumes
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0 and "epoch 2:" in result.output, result.output

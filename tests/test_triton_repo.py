@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+
+from cmdcl.serve.triton_repo import TritonRepoError, to_pbtxt, write_triton_repo
 from serve_helpers import (
     CLASSES,
     export_small_model,
     require_serve_venv,
     run_serve_python,
 )
-
-from cmdcl.serve.triton_repo import TritonRepoError, to_pbtxt, write_triton_repo
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def validate(repo):
 
 def test_onnx_repository_configs_parse_and_name_the_right_tensors(exported, tmp_path):
     repo = tmp_path / "repo"
-    written = write_triton_repo(exported["model"], repo, max_batch=8, max_frames=64, stride_frames=2)
+    written = write_triton_repo(exported["full"], repo, max_batch=8, max_frames=64, stride_frames=2)
     assert sorted(p.parent.name for p in written) == ["cmdcl", "cmdcl_stream", "frame_encoder", "head"]
     status, models = validate(repo)
     assert status == 0, models
@@ -59,7 +59,7 @@ def test_onnx_repository_configs_parse_and_name_the_right_tensors(exported, tmp_
 
 def test_validation_rejects_bad_configs(exported, tmp_path):
     repo = tmp_path / "repo"
-    write_triton_repo(exported["model"], repo)
+    write_triton_repo(exported["full"], repo)
     config = repo / "head" / "config.pbtxt"
     original = config.read_text()
     config.write_text(original.replace('name: "tokens"', 'name: "features"'))  # a tensor the graph does not have
@@ -89,10 +89,10 @@ def test_plan_repository_is_written_and_validated_as_configs(exported, tmp_path)
                    "batch_profile": {"min": 1, "opt": 16, "max": 16}}
         (tmp_path / f"model.{role}.plan.json").write_text(json.dumps(sidecar))
     with pytest.raises(TritonRepoError, match="optimisation profile allows batch 16"):
-        write_triton_repo(exported["model"], tmp_path / "repo", "plan", tmp_path / "model.plan", max_batch=8, max_frames=64)
+        write_triton_repo(exported["full"], tmp_path / "repo", "plan", tmp_path / "model.plan", max_batch=8, max_frames=64)
     with pytest.raises(TritonRepoError, match="needs the TensorRT engine"):
-        write_triton_repo(exported["model"], tmp_path / "repo", "plan")
-    write_triton_repo(exported["model"], tmp_path / "repo", "plan", tmp_path / "model.plan", max_batch=8, max_frames=16)
+        write_triton_repo(exported["full"], tmp_path / "repo", "plan")
+    write_triton_repo(exported["full"], tmp_path / "repo", "plan", tmp_path / "model.plan", max_batch=8, max_frames=16)
     status, models = validate(tmp_path / "repo")
     assert status == 0, models
     for role in ("frame_encoder", "head"):
@@ -103,13 +103,13 @@ def test_plan_repository_is_written_and_validated_as_configs(exported, tmp_path)
 
 def test_writer_errors(exported, tmp_path):
     lonely = tmp_path / "lonely.onnx"
-    shutil.copyfile(exported["model"], lonely)
+    shutil.copyfile(exported["full"], lonely)
     with pytest.raises(TritonRepoError, match="lonely.frame_encoder.onnx: no such file"):
         write_triton_repo(lonely, tmp_path / "repo")
     with pytest.raises(TritonRepoError, match="not a CMDCL model file|no such file"):
         write_triton_repo(tmp_path / "absent.onnx", tmp_path / "repo")
     with pytest.raises(TritonRepoError, match="engine format"):
-        write_triton_repo(exported["model"], tmp_path / "repo", "savedmodel")
+        write_triton_repo(exported["full"], tmp_path / "repo", "savedmodel")
 
 
 def test_pbtxt_writer():
@@ -121,14 +121,14 @@ def test_export_cli_writes_the_repository(exported, tmp_path):
     from cmdcl.cli.export import main
 
     out = tmp_path / "m.onnx"
-    result = CliRunner().invoke(main, ["--ckpt", str(exported["model"].with_suffix(".pt")), "--out", str(out),
+    result = CliRunner().invoke(main, ["--ckpt", str(exported["full"].with_suffix(".pt")), "--out", str(out),
                                        "--no-verify", "--triton-repo", str(tmp_path / "repo"), "--max-batch", "4"])
     assert result.exit_code == 0, result.output
     assert "wrote triton repository" in result.output
     status, models = validate(tmp_path / "repo")
     assert status == 0, models
     assert models["head"]["max_batch_size"] == models["frame_encoder"]["max_batch_size"] == 4
-    result = CliRunner().invoke(main, ["--ckpt", str(exported["model"].with_suffix(".pt")), "--out", str(out),
+    result = CliRunner().invoke(main, ["--ckpt", str(exported["full"].with_suffix(".pt")), "--out", str(out),
                                        "--no-split", "--triton-repo", str(tmp_path / "repo")])
     assert result.exit_code == 1 and "--triton-repo needs the split graphs" in result.stderr
 
@@ -143,7 +143,7 @@ def test_split_graphs_from_another_export_are_refused(exported, tmp_path):
     from conftest import small_config
 
     torch.manual_seed(1)  # same config and classes, other weights: a retrained model exported without --split
-    other = export_onnx(CMDCL(small_config(), CLASSES).eval(), tmp_path / "model.onnx", split=False)["model"]
+    other = export_onnx(CMDCL(small_config(), CLASSES).eval(), tmp_path / "model.onnx", split=False)["full"]
     for role in ("frame_encoder", "head"):
         shutil.copyfile(exported[role], tmp_path / f"model.{role}.onnx")
     with pytest.raises(TritonRepoError, match="model.frame_encoder.onnx: its weights_hash differs from that of"):

@@ -32,8 +32,8 @@ def checks(paths, **options):
 def graphs(tmp_path_factory):
     import torch
 
-    from conftest import small_config
     from cmdcl.model import CMDCL
+    from conftest import small_config
 
     torch.manual_seed(0)
     model = CMDCL(small_config(), ["a", "b", "c"]).eval()
@@ -41,8 +41,8 @@ def graphs(tmp_path_factory):
     fp32 = export_onnx(model, out / "model.onnx")
     fp16 = export_onnx(model, out / "model16.onnx", precision="fp16", split=False)
     bf16 = out / "model_bf16.onnx"  # what the engine build makes in memory for --precision bf16
-    onnx.save(convert_precision(onnx.load(fp32["model"]), "bf16"), bf16)
-    return [fp32["model"], fp32["frame_encoder"], fp32["head"], fp16["model"], bf16]
+    onnx.save(convert_precision(onnx.load(fp32["full"]), "bf16"), bf16)
+    return [fp32["full"], fp32["frame_encoder"], fp32["head"], fp16["full"], bf16]
 
 
 def test_parser_parses_supports_and_builds_every_graph(graphs):

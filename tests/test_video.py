@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from cmdcl.data.video import VideoError, Reconnect, iter_grid_frames, list_videos, read_clip, segment_times, write_video
+from cmdcl.data.video import Reconnect, VideoError, iter_grid_frames, list_videos, read_clip, segment_times, write_video
 
 
 def ramp(n, height=48, width=64):
@@ -169,7 +169,9 @@ BAD_FILES = {
     "truncated mp4 (faststart)": (lambda d: cut(faststart_mp4(d / "f.mp4"), 0.5), "truncated"),
     "truncated mkv": (lambda d: cut(write_video(d / "c.mkv", ramp(40)), 0.5), "truncated"),
     "truncated webm": (lambda d: cut(write_video(d / "c.webm", ramp(40), codec="libvpx-vp9"), 0.5), "truncated"),
-    "undecodable": (lambda d: garbled_payload(write_video(d / "g.mp4", np.random.default_rng(0).integers(0, 255, (40, 48, 64, 3), dtype=np.uint8))), "undecodable"),
+    "undecodable": (lambda d: garbled_payload(write_video(d / "g.mp4",
+                                                          np.random.default_rng(0).integers(0, 255, (40, 48, 64, 3), dtype=np.uint8))),
+                    "undecodable"),
 }
 
 
@@ -193,5 +195,6 @@ def test_video_mode_refuses_endless_sources():
 def test_live_source_gives_up_after_bounded_tries():
     delays = []
     with pytest.raises(VideoError, match="gave up after 3 reconnects"):
-        list(iter_grid_frames("http://127.0.0.1:9/none.mp4", 4, 32, Reconnect(tries=3, initial_delay=0.5, max_delay=1.0), sleep=delays.append))
+        list(iter_grid_frames("http://127.0.0.1:9/none.mp4", 4, 32, Reconnect(tries=3, initial_delay=0.5, max_delay=1.0),
+                              sleep=delays.append))
     assert delays == [0.5, 1.0, 1.0]

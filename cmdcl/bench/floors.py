@@ -64,7 +64,7 @@ def inference_parameters(cfg: CMDCLConfig, num_classes: int) -> int:
         return 3 * width * width + 3 * width + width * width + width + 2 * width * hidden + hidden + width + 4 * width
 
     tower = (3 * v.patch_size**2 * v.width + v.width + (v.grid**2 + 1) * v.width + 2 * v.width
-             + v.layers * block(v.width, 4 * v.width) + 2 * v.width + v.width * dv)  # fmt: skip
+             + v.layers * block(v.width, 4 * v.width) + 2 * v.width + v.width * dv)
     head = dv * d + d + cfg.num_frames * d + cfg.tokens_per_frame * d + cfg.depth * block(d, int(d * cfg.mlp_ratio)) + 2 * d
     if cfg.visual_intervention:
         head += (d * d + d) * 2 + (2 * d * d + d) + 2 * d  # query, gate, output projection, LayerNorm

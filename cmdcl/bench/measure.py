@@ -21,6 +21,8 @@ from importlib import metadata
 
 import numpy as np
 
+from ..errors import first_line
+
 LIBRARIES = ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "av", "numpy", "triton", "tensorrt", "tensorrt-rtx")
 
 
@@ -182,10 +184,10 @@ def _version(name: str) -> str | None:
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout  # fmt: skip
+                             text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.strip().splitlines()[0] if out.strip() else None
+    return first_line(out) or None
 
 
 def measured_peaks(device: str, threads: int, seconds: float = 1.0) -> dict:

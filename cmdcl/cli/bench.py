@@ -8,10 +8,9 @@ from pathlib import Path
 
 import click
 
-from .errors import fail, first_line
-
-STAGE_HELP = ("decode_video, decode_stream, preprocess, frame_encoder, head, intervention, clip, end_to_end, end_to_end_workers, "
-              "stream_update, long_video, decode_per_sample, stream_grid")  # fmt: skip
+from ..bench.stages import STAGES
+from ..bench.variants import BACKENDS
+from .errors import EXPECTED, cli_errors
 
 
 def _int_list(ctx, param, value):
@@ -25,8 +24,6 @@ def _int_list(ctx, param, value):
 
 
 def _stage_list(ctx, param, value):
-    from ..bench.runner import STAGES
-
     stages = tuple(x.strip() for x in value.split(",") if x.strip())
     unknown = [x for x in stages if x not in STAGES]
     if unknown or not stages:
@@ -35,47 +32,49 @@ def _stage_list(ctx, param, value):
     return stages
 
 
-def _backend_names():
-    from ..bench.runner import BACKENDS
-
-    return ["auto", *BACKENDS]
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", "engines", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Model file to measure (.onnx, .plan, .pt); repeat for several. Default: random-weight models of --preset.")
-@click.option("--backend", "backends", multiple=True, type=click.Choice(_backend_names()),
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["auto", *BACKENDS]),
               help="Backend(s) to measure; repeatable. Default on CPU: torch, ort. On a GPU also torch-fp16, torch-bf16, "
-                   "torch-compile, torch-fp16-triton (fused Triton intervention) and trt. With --engine: how to run the files (auto: by suffix).")
+                   "torch-compile, torch-fp16-triton (fused Triton intervention) and trt. With --engine: how to run the files "
+                   "(auto: by suffix).")
 @click.option("--preset", type=click.Choice(["tiny", "base"]), default="tiny", show_default=True,
               help="Model size when no --engine is given (base: CLIP ViT-B/16, 224 px, 64 frames).")
-@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list, help="Batch sizes (clips or streams), comma-separated, e.g. 1,8,32.")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+              help="Batch sizes (clips or streams), comma-separated, e.g. 1,8,32.")
 @click.option("--frames", type=click.IntRange(min=1), help="Frames per clip F for the generated model (default: the preset's).")
 @click.option("--classes", type=click.IntRange(min=1), default=200, show_default=True, help="Classes of the generated model.")
 @click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed calls per stage.")
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed calls first (compiled variants take at least 3).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: cuda when PyTorch sees a GPU.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Untimed calls first (compiled variants take at least 3).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: cuda when PyTorch sees a GPU.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and ONNX Runtime alike (default: PyTorch's default).")
-@click.option("--stages", default=",".join(("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip",
-                                              "end_to_end", "end_to_end_workers", "stream_update", "long_video", "decode_per_sample", "stream_grid")), callback=_stage_list,
-              help=f"Comma-separated subset of: {STAGE_HELP}.")  # fmt: skip
+@click.option("--stages", default=",".join(STAGES), callback=_stage_list, help=f"Comma-separated subset of: {', '.join(STAGES)}.")
 @click.option("--video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Video for the decode, end-to-end and stream stages. Default: a generated 720p H.264 test pattern (cached).")
 @click.option("--long-video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Long video for seek vs sequential decoding. Default: a generated 720p H.264 with a keyframe every 10 s.")
-@click.option("--long-minutes", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="Length of the generated long video.")
+@click.option("--long-minutes", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+              help="Length of the generated long video.")
 @click.option("--sampling", type=click.Choice(["exact", "keyframe"]), default="exact", show_default=True,
               help="read_clip's sampling in decode_video and end_to_end (decode_per_sample measures both).")
-@click.option("--workers", type=click.IntRange(min=1), help="end_to_end_workers: decoding processes N measured against 1 (default: one per usable CPU core).")
-@click.option("--stride-frames", type=click.IntRange(min=1), help="Stream mode: new grid frames per window update (default: the model's, F/2).")
-@click.option("--cuda-graphs", is_flag=True, help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the records and the machine as JSON here.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="end_to_end_workers: decoding processes N measured against 1 (default: one per usable CPU core).")
+@click.option("--stride-frames", type=click.IntRange(min=1),
+              help="Stream mode: new grid frames per window update (default: the model's, F/2).")
+@click.option("--cuda-graphs", is_flag=True,
+              help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the records and the machine as JSON here.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a PNG of latency per stage and backend.")
-@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write the tables as Markdown (for benchmarks/RESULTS.md).")
+@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the tables as Markdown (for benchmarks/RESULTS.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Tracebacks instead of one-line errors; a failing stage stops the run.")
 def main(engines, backends, preset, batches, frames, classes, iters, warmup, device, threads, stages, video, long_video,
-         long_minutes, sampling, workers, stride_frames, cuda_graphs, json_path, plot, markdown, quiet, debug):  # fmt: skip
+         long_minutes, sampling, workers, stride_frames, cuda_graphs, json_path, plot, markdown, quiet, debug):
     """Measure CMDCL inference stage by stage: decoding (video and stream
     mode), preprocessing, frame encoder, head, the intervention op alone, the
     whole clip, decode + classify end to end, and a stream window update,
@@ -93,20 +92,18 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     """
     from ..bench import report as output
     from ..bench.runner import Bench, BenchSettings
-    from ..output_files import OutputError, atomic_write, check_outputs
-    from ..runtime.backends import BackendError
+    from ..output_files import atomic_write, check_outputs
 
     if engines and frames:
         raise click.UsageError("--frames applies to the generated models; an --engine's frame count is fixed")
-    try:  # fail before an hour of measuring, not after
+    with cli_errors("cmdcl-bench", debug):  # fail before an hour of measuring, not after
         check_outputs([("--json", json_path), ("--plot", plot), ("--markdown", markdown)],
                       [*[("the --engine model", path) for path in engines], ("--video", video), ("--long-video", long_video)])
-    except OutputError as exc:
-        fail("cmdcl-bench", str(exc), 2, debug, exc)
-    settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"), batches=batches, frames=frames,
+    settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"),
+                             batches=batches, frames=frames,
                              classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,
                              video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames, sampling=sampling,
-                             workers=workers, cuda_graphs=cuda_graphs)  # fmt: skip
+                             workers=workers, cuda_graphs=cuda_graphs)
     from tqdm import tqdm
 
     bar = tqdm(unit="stage", file=sys.stderr, disable=quiet or not sys.stderr.isatty())
@@ -122,15 +119,12 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
         if not quiet:
             bar.write(message, file=sys.stderr)
 
-    try:
+    with cli_errors("cmdcl-bench", debug, expected=(*EXPECTED, ValueError, RuntimeError)), bar:  # the libraries' own errors: one line
         report = Bench(settings, progress=progress, log=log, debug=debug).run()
-    except (BackendError, OSError, ValueError, RuntimeError) as exc:
-        bar.close()
-        fail("cmdcl-bench", first_line(exc), 1, debug, exc)
-    bar.close()
     report["command"] = _command_line(click.get_current_context())
     click.echo(output.text_report(report))
-    try:
+    # e.g. a full disk: the report above is on stdout all the same
+    with cli_errors("cmdcl-bench", debug, prefix="cannot write the results: "):
         if json_path:
             output.write_json(report, json_path)
             click.echo(f"wrote {json_path}", err=True)
@@ -142,8 +136,6 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
             with atomic_write(markdown) as tmp:
                 tmp.write_text(output.markdown(report))
             click.echo(f"wrote {markdown}", err=True)
-    except OSError as exc:  # e.g. a full disk: the report above is on stdout all the same
-        fail("cmdcl-bench", f"cannot write the results: {exc.strerror or first_line(exc)}", 1, debug, exc)
 
 
 def _command_line(ctx) -> str:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import describe, fail
+from .errors import cli_errors
 
 
 @click.command()
@@ -39,27 +38,24 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     """
     from tqdm import tqdm
 
-    from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, sidecar_path, split_pairs
-    from cmdcl.output_files import OutputError, check_outputs
+    from cmdcl.artifacts import read_sidecar, sidecar_path
+    from cmdcl.export.tensorrt_build import build_engine, split_pairs
+    from cmdcl.output_files import check_outputs
 
     engine = engine or onnx_path.with_suffix(".plan")
     pairs = split_pairs(onnx_path, engine) if split else [(onnx_path, engine)]
-    try:  # before building: no engine, sidecar or timing cache may overwrite a model file or each other
+    with cli_errors("cmdcl-build", debug):
+        # before building: no engine, sidecar or timing cache may overwrite a model file or each other
         outputs = [*[("--engine", plan) for _, plan in pairs], *[("the engine's sidecar", sidecar_path(plan)) for _, plan in pairs]]
         check_outputs([*outputs, ("--timing-cache", timing_cache)], [("the model", part) for part, _ in pairs])
-    except OutputError as exc:
-        fail("cmdcl-build", str(exc), 1, debug, exc)
-    try:
         for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr,
                                disable=True if len(pairs) == 1 else None):  # None: no bar off a terminal
             build_engine(part, plan, precision=precision, max_batch=max_batch, timing_cache=timing_cache, opt_batch=opt_batch)
             click.echo(f"wrote {plan}")
-            sidecar = json.loads(sidecar_path(plan).read_text())
+            sidecar = read_sidecar(plan)
             meta = sidecar["metadata"]
             if sidecar["plugin"] is None and meta.get("visual_intervention") and meta.get("graph_role") != "frame_encoder":
                 click.echo(f"note: {plan.name}: the intervention ran as the ONNX local function (plugin not picked up)", err=True)
-    except Exception as exc:
-        fail("cmdcl-build", describe(exc, EngineBuildError), 1, debug, exc, reraise=True)
 
 
 if __name__ == "__main__":

@@ -1,65 +1,66 @@
-"""One-line errors for the command-line tools, shared by every `cmdcl-*` CLI.
+"""The one error path of every `cmdcl-*` command.
 
-An expected failure becomes one line on stderr (the first line of the
-exception's message, or its type name when the message is empty) and an exit
-status; `--debug` shows the traceback. Each tool keeps its own prefix and exit
-status (see the callers).
+Inside `cli_errors`, a failure becomes one line on stderr, `PROG: error: MESSAGE`
+(the first line of the exception's message), and the exit status of the table in
+cmdcl.errors.ExitCode: 1 for any error, 130 for Ctrl-C and 143 for SIGTERM (where
+the command ends on it, see `end_on_sigterm`). An exception of a type the command
+does not expect is marked as unexpected. `--debug` prints the traceback first; the
+exit status stays the same. Click's own errors (bad options: exit status 2) pass.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 import traceback
+from collections.abc import Callable
 from typing import NoReturn
 
 import click
 
-ERRORS = (ValueError, OSError, ImportError)  # clean_errors also handles VideoError (ManifestError, CheckpointError are ValueErrors)
+from ..errors import CmdclError, ExitCode, describe
+
+EXPECTED = (CmdclError, OSError, ImportError)  # a bad file, a missing extra; anything else is marked unexpected
 
 
-def first_line(exc_or_text: BaseException | str) -> str:
-    """The first line of a message; an exception with an empty message gives its type name."""
-    text = str(exc_or_text).strip()
-    if text:
-        return text.splitlines()[0]
-    return type(exc_or_text).__name__ if isinstance(exc_or_text, BaseException) else ""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is so that it unwinds as Ctrl-C does."""
 
 
-def describe(exc: BaseException, known: tuple | type | None = None) -> str:
-    """`first_line(exc)`; with `known`, an exception of another type is marked as unexpected."""
-    message = first_line(exc)
-    if known is not None and not isinstance(exc, known):
-        message = f"unexpected {type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-    return message
+def end_on_sigterm() -> None:
+    """Let SIGTERM (docker stop, systemd, kill) end the command as Ctrl-C does: its outputs are closed and renamed into place."""
+    signal.signal(signal.SIGTERM, _terminate)
 
 
-def fail(prog: str, message: str, code: int = 1, debug: bool = False, exc: BaseException | None = None, *,
-         reraise: bool = False, label: str | None = "error") -> NoReturn:
-    """Echo `prog: label: message` (or `prog: message` with label=None) to stderr and exit with `code`.
+def _terminate(signum, frame):
+    raise Terminated
 
-    With `debug` and an exception: `reraise` lets the exception through instead (Python's traceback,
-    exit status 1); otherwise its traceback is printed before the line.
-    """
+
+def _fail(prog: str, message: str, code: int, debug: bool = False, exc: BaseException | None = None, *,
+          label: str | None = "error") -> NoReturn:
+    """Echo `prog: label: message` (or `prog: message` with label=None) to stderr and exit with `code`;
+    with `debug`, `exc`'s traceback comes first."""
     if debug and exc is not None:
-        if reraise:
-            if exc is sys.exc_info()[1]:
-                raise  # called from the except block: re-raise without adding this frame
-            raise exc
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     click.echo(f"{prog}: {label}: {message}" if label else f"{prog}: {message}", err=True)
     sys.exit(code)
 
 
 @contextlib.contextmanager
-def clean_errors(debug: bool, errors: tuple = ERRORS):
-    """Turn expected failures (bad input files, missing extras) into one-line
-    click errors (`Error: ...`, exit status 1); `--debug` lets the traceback through."""
-    from cmdcl.data.video import VideoError
-
+def cli_errors(prog: str, debug: bool, *, prefix: str = "", expected: tuple | type = EXPECTED,
+               interrupted: Callable[[], str] | None = None):
+    """Every command's error handling: an exception leaving the block ends the command through `_fail`
+    (`prefix` goes before its message); Ctrl-C and SIGTERM end it with `PROG: interrupted` (or
+    `terminated (SIGTERM)`) followed by `interrupted()`, what the user should know about the outputs."""
     try:
         yield
-    except (*errors, VideoError) as exc:
-        if debug:
-            raise
-        raise click.ClickException(first_line(exc)) from None
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise  # click reports these itself (usage errors: exit status 2)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        note = interrupted() if interrupted else ""
+        _fail(prog, f"{'terminated (SIGTERM)' if terminated else 'interrupted'}{note}",
+              ExitCode.TERMINATED if terminated else ExitCode.INTERRUPTED, label=None)
+    except Exception as exc:
+        _fail(prog, prefix + describe(exc, expected), ExitCode.FAILED, debug, exc)

@@ -7,11 +7,9 @@ from pathlib import Path
 
 import click
 
-from .errors import describe, fail
-
-
-class _Failure(Exception):
-    """A one-line error for the user."""
+from ..artifacts import TOLERANCES
+from ..errors import CmdclError
+from .errors import cli_errors
 
 
 @click.command()
@@ -27,7 +25,7 @@ class _Failure(Exception):
               help="Also write the frame_encoder and head graphs for the streaming runtime.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Compare ONNX Runtime with PyTorch on random frames and the demo video; "
-                   "fail if outside DESIGN.md tolerances (fp32 1e-4, fp16 5e-3).")
+                   f"fail if outside the tolerances (fp32 {TOLERANCES['fp32']:g}, fp16 {TOLERANCES['fp16']:g}; docs/design.md section 7).")
 @click.option("--video", type=click.Path(path_type=Path), default=None,
               help="Verify on this video instead of the demo video.")
 @click.option("--engine", type=click.Path(path_type=Path), default=None,
@@ -60,10 +58,10 @@ def main(ckpt, out, opset, precision, split, verify, video, engine, engine_preci
     first); the graphs are exported and verified aside and renamed into place
     only then, so a failed export leaves older files as they were.
     """
-    try:
+    with cli_errors("cmdcl-export", debug):
         out = out or ckpt.with_suffix(".onnx")
         if triton_repo and not split:
-            raise _Failure("--triton-repo needs the split graphs (drop --no-split)")
+            raise CmdclError("--triton-repo needs the split graphs (drop --no-split)")
         if triton_repo and engine_format == "plan" and engine is None:
             engine = out.with_suffix(".plan")
         stale = [] if split else _stale_split_graphs(out)
@@ -71,18 +69,6 @@ def main(ckpt, out, opset, precision, split, verify, video, engine, engine_preci
         _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale)
         if triton_repo:
             _write_triton_repo(out, triton_repo, engine_format, engine, max_batch)
-    except Exception as exc:
-        fail("cmdcl-export", describe(exc, _known_errors()), 1, debug, exc, reraise=True)
-
-
-def _known_errors() -> tuple:
-    from cmdcl.export import ExportError
-    from cmdcl.export.verify import VerificationError
-    from cmdcl.model import CheckpointError
-    from cmdcl.output_files import OutputError
-    from cmdcl.serve.triton_repo import TritonRepoError
-
-    return (_Failure, ExportError, VerificationError, CheckpointError, TritonRepoError, OutputError, OSError)
 
 
 def _stale_split_graphs(out: Path) -> list[Path]:
@@ -92,12 +78,12 @@ def _stale_split_graphs(out: Path) -> list[Path]:
     from cmdcl.export.metadata import ModelFileError, read_metadata
     from cmdcl.export.onnx_export import output_paths
 
-    stale = [path for role, path in output_paths(out).items() if role != "model" and path.exists()]
+    stale = [path for role, path in output_paths(out).items() if role != "full" and path.exists()]
     for path in stale:
         try:
             read_metadata(path)
         except ModelFileError:
-            raise _Failure(f"{path}: exists and is not a CMDCL graph, and the runtime would take it for {out.name}'s "
+            raise CmdclError(f"{path}: exists and is not a CMDCL graph, and the runtime would take it for {out.name}'s "
                            f"split graph; move it away") from None
     return stale
 
@@ -105,16 +91,15 @@ def _stale_split_graphs(out: Path) -> list[Path]:
 def _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, stale) -> None:
     """Before anything loads or is written: no output is an input or another output, each can be written,
     and none lies in a model directory that writing the Triton repository replaces."""
+    from cmdcl.artifacts import GRAPH_ROLES, graph_path, sidecar_path
     from cmdcl.export.onnx_export import output_paths
-    from cmdcl.export.tensorrt_build import sidecar_path
     from cmdcl.output_files import check_outputs
-    from cmdcl.runtime.backends import part_path
     from cmdcl.serve.triton_repo import check_triton_repo
 
     inputs = [("--ckpt", ckpt), ("--video", video)]
-    outputs = [("--out" if role == "model" else f"--out's {role} graph", path) for role, path in output_paths(out, split).items()]
+    outputs = [("--out" if role == "full" else f"--out's {role} graph", path) for role, path in output_paths(out, split).items()]
     if engine:
-        engines = [part_path(engine, role) for role in ("model", "frame_encoder", "head")[: 3 if split else 1]]
+        engines = [graph_path(engine, role) for role in (GRAPH_ROLES if split else ("full",))]
         outputs += [(f"--engine{'' if path == engine else ' (split graph)'}", path) for path in engines]
         outputs += [("--engine's sidecar", sidecar_path(path)) for path in engines]
     outputs += [("--timing-cache", timing_cache), *[("the stale split graph", path) for path in stale]]
@@ -134,7 +119,7 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
     from cmdcl.output_files import move_into_place, temporary_dir
 
     if video is not None and not video.is_file():
-        raise _Failure(f"{video}: no such video file")
+        raise CmdclError(f"{video}: no such video file")
     stages = 1 + (3 if split else 1) + bool(verify) + bool(engine)  # load, graphs, verify, engine
     # disable=None: no bar when stderr is not a terminal (logs, CI)
     with tqdm(total=stages, desc="cmdcl-export", file=sys.stderr, unit="step", disable=None) as bar:
@@ -180,14 +165,14 @@ def _build_engines(paths, engine, precision, max_batch, timing_cache) -> list:
     try:
         from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, build_engines
     except ImportError:
-        raise _Failure("--engine: the TensorRT builder (cmdcl.export.tensorrt_build) is not available in this install") from None
+        raise CmdclError("--engine: the TensorRT builder (cmdcl.export.tensorrt_build) is not available in this install") from None
     options = dict(precision=precision, max_batch=max_batch, timing_cache=timing_cache)
     try:
         if "head" in paths:
-            return build_engines(paths["model"], engine, **options)
-        return [build_engine(paths["model"], engine, **options)]
+            return build_engines(paths["full"], engine, **options)
+        return [build_engine(paths["full"], engine, **options)]
     except EngineBuildError as exc:
-        raise _Failure(f"--engine: {exc}") from None
+        raise CmdclError(f"--engine: {exc}") from None
 
 
 def _write_triton_repo(model_onnx, repo, engine_format, engine, max_batch) -> None:

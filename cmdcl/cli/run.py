@@ -3,39 +3,56 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 
 import click
 
-from .errors import fail
-
-EXIT_INPUT_FAILED = 3
+from ..errors import ExitCode
+from ..runtime.backends import BACKENDS
+from .errors import cli_errors, end_on_sigterm
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--engine", type=click.Path(dir_okay=False), help="Model file: .onnx (ONNX Runtime), .plan (TensorRT, with its .json sidecar) or .pt (PyTorch). Default: the bundled demo model on ONNX Runtime CPU.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "trt", "torch"]), default="auto", show_default=True, help="auto picks by the engine's suffix; trt with an .onnx file uses ONNX Runtime's TensorRT provider.")
+@click.option("--engine", type=click.Path(dir_okay=False),
+              help="Model file: .onnx (ONNX Runtime), .plan (TensorRT, with its .json sidecar) or .pt (PyTorch). "
+                   "Default: the bundled demo model on ONNX Runtime CPU.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto picks by the engine's suffix; trt with an .onnx file uses ONNX Runtime's TensorRT provider.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--mode", type=click.Choice(["video", "stream"]), default="video", show_default=True, help="video: F frames over each whole file, one result per file. stream: sliding windows on a fixed time grid, one result per window plus a summary.")
-@click.option("--window", type=click.FloatRange(min=0, min_open=True), help="Stream mode: window length in seconds (F grid frames). Default: the model's.")
+@click.option("--mode", type=click.Choice(["video", "stream"]), default="video", show_default=True,
+              help="video: F frames over each whole file, one result per file. "
+                   "stream: sliding windows on a fixed time grid, one result per window plus a summary.")
+@click.option("--window", type=click.FloatRange(min=0, min_open=True),
+              help="Stream mode: window length in seconds (F grid frames). Default: the model's.")
 @click.option("--stride", type=click.FloatRange(min=0, min_open=True), help="Stream mode: seconds between windows. Default: the model's.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels reported per result (single-label models).")
-@click.option("--threshold", type=click.FloatRange(0, 1), help="Report only labels scoring at least this; multi-label models report every label over it (default 0.5).")
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="Report only labels scoring at least this; multi-label models report every label over it (default 0.5).")
 @click.option("--output", "-o", type=click.Path(), help="Write records here instead of stdout.")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), help="Record format. Default: from --output's suffix, else jsonl.")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]),
+              help="Record format. Default: from --output's suffix, else jsonl.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Video mode: videos per model call.")
-@click.option("--workers", type=click.IntRange(min=1), help="Video mode: processes decoding the next videos while the model runs; 1 decodes in the main process. Default: one per usable CPU core.")
-@click.option("--sampling", type=click.Choice(["keyframe", "exact"]), help="Video mode: keyframe (default) takes, in each of the F segments that holds one, the keyframe nearest its centre and decodes only that frame (same top-1 as exact on 99.3% of the synthetic test split, 5.6-8.7x faster decoding of the 720p bench videos); exact takes each segment's centre frame, as training does.")
-@click.option("--decode", "grid_decode", type=click.Choice(["keyframes", "all"]), help="Stream mode: keyframes (default) decodes only keyframes while they come at least once per grid step, each grid time taking the nearest one, and every frame otherwise; all always decodes every frame.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Video mode: processes decoding the next videos while the model runs; 1 decodes in the main process. "
+                   "Default: one per usable CPU core.")
+@click.option("--sampling", type=click.Choice(["keyframe", "exact"]),
+              help="Video mode: keyframe (default) takes, in each of the F segments that holds one, the keyframe nearest its centre "
+                   "and decodes only that frame (same top-1 as exact on 99.3% of the synthetic test split, 5.6-8.7x faster decoding "
+                   "of the 720p bench videos); exact takes each segment's centre frame, as training does.")
+@click.option("--decode", "grid_decode", type=click.Choice(["keyframes", "all"]),
+              help="Stream mode: keyframes (default) decodes only keyframes while they come at least once per grid step, "
+                   "each grid time taking the nearest one, and every frame otherwise; all always decodes every frame.")
 @click.option("--plot", type=click.Path(), help="Stream mode: save a PNG of label scores over time.")
 @click.option("--overlay", type=click.Path(), help="Write a copy of the (single) input video with its labels drawn on it.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds any network open or read may wait before it fails (or reconnects).")
-@click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True, help="Live streams: reconnects that bring no new frame, within 5 minutes, before giving up.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds any network open or read may wait before it fails (or reconnects).")
+@click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Live streams: reconnects that bring no new frame, within 5 minutes, before giving up.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Decoding statistics on stderr, and tracebacks for errors.")
-def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold, output, fmt, batch, workers, sampling, grid_decode, plot, overlay, timeout,
+def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold, output, fmt, batch, workers, sampling, grid_decode, plot,
+         overlay, timeout,
          reconnect_tries, quiet, debug):
     """Classify each INPUT (a video file, a directory of videos, or a stream
     URL/device such as rtsp://..., http://..., /dev/video0) and write one JSON
@@ -46,17 +63,16 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     the run goes) and renamed to OUTPUT when the run ends, also on Ctrl-C.
 
     Exit status: 0 when every input succeeded, 3 when any failed (each failure
-    is one line on stderr and the run goes on), 2 for bad options or a model
-    that cannot be loaded, 1 when an output cannot be written, 130 on Ctrl-C
+    is one line on stderr and the run goes on), 1 when the model cannot be
+    loaded or an output cannot be written, 2 for bad options, 130 on Ctrl-C
     (143 on SIGTERM, which also ends the run cleanly).
     """
     from ..data.video import RUNTIME_SAMPLING, Reconnect
-    from ..output_files import OutputError, check_outputs
-    from ..runtime.backends import BackendError
+    from ..output_files import check_outputs
     from ..runtime.output import RecordWriter, partial_path
     from ..runtime.recognizer import Recognizer, expand_inputs
 
-    signal.signal(signal.SIGTERM, _terminate)  # docker stop, systemd, kill: end like Ctrl-C (outputs renamed into place)
+    end_on_sigterm()
     fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "jsonl")
     sources = expand_inputs(inputs)
     if not sources:
@@ -71,15 +87,17 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
         raise click.UsageError("--decode applies to --mode stream")
     outputs = [("--output", output), ("--output's temporary file", output and partial_path(output)), ("--plot", plot),
                ("--overlay", overlay)]
-    try:  # before the model loads: a clash or an unwritable output is found at once
+    writer, records, failed = None, [], 0
+
+    def records_so_far():  # Ctrl-C is how a live stream ends: the records written until then are the output
+        return f"; the records so far are in {output}" if output and writer is not None and writer.count else ""
+
+    with cli_errors("cmdcl-run", debug, interrupted=records_so_far):
+        # before the model loads: a clash or an unwritable output is found at once
         check_outputs(outputs, [*_model_files(engine), *[("the input", source) for source in sources]])
         writer = RecordWriter(output, fmt)
-    except OutputError as exc:
-        fail("cmdcl-run", str(exc), 2, debug, exc)
-    records, failed = [], 0
-    progress = _progress(len(sources), quiet)
-    try:
-        with writer:
+        progress = _progress(len(sources), quiet)
+        with writer, contextlib.closing(progress):
             try:
                 recognizer = Recognizer(engine, backend, device, top_k=top_k, threshold=threshold, window=window, stride=stride,
                                         batch=batch, reconnect=Reconnect(tries=reconnect_tries), timeout=timeout, debug=debug,
@@ -95,18 +113,8 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
                     if record.get("summary"):
                         progress.update(1)
                         failed += _report(record, mode, debug, progress)
-    except BackendError as exc:  # a model that cannot be loaded, or one exported without the split graphs stream mode needs
-        progress.close()
-        fail("cmdcl-run", f"model: {exc}", 2, debug, exc, label=None)
-    except OutputError as exc:
-        progress.close()
-        fail("cmdcl-run", str(exc), 1, debug, exc)
-    except KeyboardInterrupt as exc:  # the records so far are the output (Ctrl-C is how a live stream ends)
-        progress.close()
-        fail("cmdcl-run", f"{_stopped_by(exc)}{f'; the records so far are in {output}' if output and writer.count else ''}",
-             _interrupt_status(exc), label=None)
-    progress.close()
-    try:
+    with cli_errors("cmdcl-run", debug, prefix="--plot/--overlay: ", expected=Exception,  # optional outputs: one line
+                    interrupted=lambda: " while writing --plot/--overlay"):
         if plot:
             from ..runtime.output import plot_timeline
 
@@ -115,39 +123,17 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
             from ..runtime.output import write_overlay
 
             write_overlay(sources[0], records, overlay)
-    except KeyboardInterrupt as exc:
-        fail("cmdcl-run", f"{_stopped_by(exc)} while writing --plot/--overlay", _interrupt_status(exc), label=None)
-    except Exception as exc:  # noqa: BLE001 - optional outputs: one line, not a traceback
-        fail("cmdcl-run", f"--plot/--overlay: {exc}", 1, debug, exc, label=None)
-    sys.exit(EXIT_INPUT_FAILED if failed else 0)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is so that it unwinds as Ctrl-C does."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated
-
-
-def _stopped_by(exc: KeyboardInterrupt) -> str:
-    return "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-
-
-def _interrupt_status(exc: KeyboardInterrupt) -> int:
-    """128 + the signal's number, as a shell reports a process the signal ended: 143 for SIGTERM, 130 for Ctrl-C."""
-    return 128 + (signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+    sys.exit(ExitCode.INPUTS_FAILED if failed else ExitCode.OK)
 
 
 def _model_files(engine) -> list[tuple[str, object]]:
     """The model file and the files the runtime reads with it: its split graphs (and a TensorRT engine's JSON sidecars)."""
     if engine is None:
         return []
-    from ..export.tensorrt_build import sidecar_path
-    from ..runtime.backends import part_path
+    from ..artifacts import SPLIT_ROLES, graph_path, sidecar_path
 
     files = [("the --engine model", engine)]
-    files += [("the --engine model's split graph", part_path(engine, part)) for part in ("frame_encoder", "head")]
+    files += [("the --engine model's split graph", graph_path(engine, role)) for role in SPLIT_ROLES]
     if not str(engine).lower().endswith((".onnx", ".pt")):  # a TensorRT engine: each has a JSON sidecar
         files += [("the --engine model's sidecar", sidecar_path(path)) for _, path in files]
     return files

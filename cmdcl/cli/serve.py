@@ -9,13 +9,15 @@ import sys
 import click
 import numpy as np
 
-from .errors import fail, first_line
+from ..errors import CmdclError, ExitCode, first_line
+from ..runtime.backends import BACKENDS
+from .errors import cli_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engine", type=click.Path(dir_okay=False), help="Model file: .onnx (ONNX Runtime, with its split graphs "
               "next to it), .plan (TensorRT) or .pt (PyTorch). Default: the bundled demo model.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "trt", "torch"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="As in cmdcl-run: auto picks by the engine's suffix.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -46,31 +48,12 @@ def main(engine, backend, device, host, http_port, no_http, grpc_port, metrics_p
 
     Clients: `cmdcl-client classify VIDEO`, any tritonclient (HTTP or gRPC).
     """
-    from ..runtime.backends import BackendError, load_backend
+    from ..runtime.backends import load_backend
 
-    try:
-        import pytriton  # noqa: F401  (fail here, with the fix, rather than inside serve)
-
-        from ..serve.server import ServeConfig, ServerDied, check_ports, serve
-    except ImportError as exc:
-        fail("cmdcl-serve", f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
-             "make serve-venv, then .venv-serve/bin/cmdcl-serve", 2, debug, exc, reraise=True)
     http_port = None if no_http else http_port
     ports = [port for port in (http_port, grpc_port, metrics_port) if port is not None]
     if len(set(ports)) != len(ports):
-        fail("cmdcl-serve", "--http-port, --grpc-port and --metrics-port must differ", 2, debug)
-    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                         metrics_host=metrics_host, max_batch=max_batch, queue_delay_us=queue_delay_us, top_k=top_k)
-    try:
-        check_ports(config)
-    except OSError as exc:
-        fail("cmdcl-serve", str(exc), 2, debug)
-    try:
-        model = load_backend(engine, backend, device)
-    except BackendError as exc:
-        fail("cmdcl-serve", str(exc), 2, debug, exc, reraise=True)
-    if not debug:  # PyTriton sends a failing request's traceback to the client: no frames, so no paths
-        sys.tracebacklimit = 0
+        raise click.UsageError("--http-port, --grpc-port and --metrics-port must differ")
 
     def ready(names):
         metrics = f", metrics http://{metrics_host}:{metrics_port}/metrics" if metrics_port else ""
@@ -87,12 +70,26 @@ def main(engine, backend, device, host, http_port, no_http, grpc_port, metrics_p
     def restarting(reason, n):
         click.echo(f"cmdcl-serve: warning: {reason}; restarting it ({n} of {restart})", err=True)
 
-    try:
-        serve(model, config, on_ready=ready, restarts=restart, on_restart=restarting)
-    except ServerDied as exc:
-        fail("cmdcl-serve", str(exc), 1, debug)
-    except Exception as exc:  # PyTriton's start-up errors (a model that fails to load)
-        fail("cmdcl-serve", f"the server stopped: {first_line(exc)}", 2, debug, exc, reraise=True)
+    with cli_errors("cmdcl-serve", debug):
+        try:
+            import pytriton  # noqa: F401  (fail here, with the fix, rather than inside serve)
+
+            from ..serve.server import ServeConfig, ServerDied, check_ports, serve
+        except ImportError as exc:
+            raise CmdclError(f"PyTriton is not installed ({exc}); it pins numpy<2, so it lives in its own venv: "
+                             "make serve-venv, then .venv-serve/bin/cmdcl-serve") from exc
+        config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                             metrics_host=metrics_host, max_batch=max_batch, queue_delay_us=queue_delay_us, top_k=top_k)
+        check_ports(config)
+        model = load_backend(engine, backend, device)
+        if not debug:  # PyTriton sends a failing request's traceback to the client: no frames, so no paths
+            sys.tracebacklimit = 0
+        try:
+            serve(model, config, on_ready=ready, restarts=restart, on_restart=restarting)
+        except ServerDied:
+            raise
+        except Exception as exc:  # PyTriton's start-up errors (a model that fails to load)
+            raise ServerDied(f"the server stopped: {first_line(exc)}") from exc
 
 
 def _is_loopback(host: str) -> bool:
@@ -126,7 +123,8 @@ def classify(videos, url, protocol, debug):
     from ..serve.client import clip_frames, connect, infer
 
     failed = False
-    try:
+    # expected=Exception: connection refused, server errors
+    with cli_errors("cmdcl-client", debug, prefix=f"{url or _default_url(protocol)}: ", expected=Exception):
         connection = connect(url or _default_url(protocol), protocol)
         for video in videos:
             try:
@@ -138,9 +136,7 @@ def classify(videos, url, protocol, debug):
             top = [{"label": label, "score": round(float(score), 6)}
                    for label, score in zip(outputs["top_labels"][0], outputs["top_scores"][0])]
             click.echo(json.dumps({"video": video, "top": top}))
-    except Exception as exc:  # connection refused, server errors: one line
-        fail("cmdcl-client", f"{url or _default_url(protocol)}: {first_line(exc)}", 2, debug, exc, reraise=True)
-    sys.exit(3 if failed else 0)
+    sys.exit(ExitCode.INPUTS_FAILED if failed else ExitCode.OK)
 
 
 @client.command("load-test")
@@ -157,7 +153,7 @@ def classify(videos, url, protocol, debug):
 def load_test_command(videos, engine, url, protocol, clients, seconds, max_requests, debug):
     """N concurrent clients for a bounded time against the server; prints p50/p99 latency,
     throughput and the number of responses that differ from the offline runtime's result
-    for the same frames (exit status 1 if any error or mismatch)."""
+    for the same frames (exit status 3 if any request failed or mismatched, 1 if none was sent)."""
     import json
 
     from ..data.video import read_clip
@@ -165,18 +161,16 @@ def load_test_command(videos, engine, url, protocol, clients, seconds, max_reque
     from ..serve.client import load_test
 
     url = url or _default_url(protocol)
-    try:
+    with cli_errors("cmdcl-client", debug):  # BackendError, VideoError: their messages name the file
         backend = load_backend(engine)
         clips = [read_clip(video, backend.info.num_frames, backend.info.image_size).frames for video in videos]
         expected = list(backend.classify_clips(np.stack(clips)))
-    except Exception as exc:  # BackendError, VideoError: their messages name the file
-        fail("cmdcl-client", first_line(exc), 2, debug, exc, reraise=True)
-    try:
+    with cli_errors("cmdcl-client", debug, prefix=f"{url}: ", expected=Exception):  # connection refused, server errors
         report = load_test(url, protocol, clips, expected, clients, seconds, max_requests)
-    except Exception as exc:
-        fail("cmdcl-client", f"{url}: {first_line(exc)}", 2, debug, exc, reraise=True)
     click.echo(json.dumps(report.summary()))
-    sys.exit(1 if report.errors or report.mismatches or not report.requests else 0)
+    if not report.requests:
+        sys.exit(ExitCode.FAILED)
+    sys.exit(ExitCode.INPUTS_FAILED if report.errors or report.mismatches else ExitCode.OK)
 
 
 def _default_url(protocol: str) -> str:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from .errors import clean_errors
+from .errors import EXPECTED, cli_errors
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the MP4s, manifest.csv, classes.txt and actions.txt.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for the MP4s, manifest.csv, classes.txt and actions.txt.")
 @click.option("--videos", default=140, type=click.IntRange(min=1), help="Number of videos (activities balanced).")
 @click.option("--seed", default=0, type=int)
 @click.option("--split", default="train", type=click.Choice(["train", "test", "ood"]), help="ood: background independent of the activity.")
@@ -23,7 +24,7 @@ def main(out, videos, seed, split, size, fps, home_bias, debug):
     background confounder that correlates with the activity except in ood."""
     from cmdcl.data.synth import SynthConfig, generate
 
-    with clean_errors(debug):
+    with cli_errors("cmdcl-synth", debug, expected=(*EXPECTED, ValueError)):  # ValueError: what cmdcl.data.synth refuses (an odd size)
         _check_out(Path(out), split, videos)
         manifest = generate(out, videos, seed, split, SynthConfig(size=size, fps=fps, home_bias=home_bias), progress=True)
     click.echo(f"wrote {videos} videos and {manifest}")

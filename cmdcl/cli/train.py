@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import clean_errors, fail
+from .errors import EXPECTED, cli_errors
 
 
 @click.command(context_settings={"show_default": True})
@@ -23,12 +23,19 @@ from .errors import clean_errors, fail
 @click.option("--weight-decay", default=0.05, type=float)
 @click.option("--warmup-epochs", default=1.0, type=float, help="Linear warm-up before the cosine decay.")
 @click.option("--seed", default=0, type=int, help="Seeds everything: CPU runs are bitwise repeatable.")
-@click.option("--ablation", default="none", type=click.Choice(["none", "no-textual", "no-visual", "no-both"]), help="Switch off the textual and/or visual intervention.")
-@click.option("--clip-weights", type=click.Path(exists=True, dir_okay=False), help="Local CLIP weights (OpenAI or open_clip file): the frozen VLM and the video encoder's init.")
-@click.option("--text-init", default="auto", type=click.Choice(["auto", "clip", "minilm", "random"]), help="How label texts T start (see README).")
-@click.option("--classes", type=click.Path(exists=True, dir_okay=False), help="Class list, one name per line [default: classes.txt beside the manifest, else the labels found].")
-@click.option("--target", default="label", type=click.Choice(["label", "segments"]), help="'segments': multi-label atomic actions from the manifest's segments.")
-@click.option("--candidates", default=2, type=click.IntRange(min=0), help="Frames decoded once per segment; training picks one at random each epoch. 0: decode every epoch at random times (exact, slower).")
+@click.option("--ablation", default="none", type=click.Choice(["none", "no-textual", "no-visual", "no-both"]),
+              help="Switch off the textual and/or visual intervention.")
+@click.option("--clip-weights", type=click.Path(exists=True, dir_okay=False),
+              help="Local CLIP weights (OpenAI or open_clip file): the frozen VLM and the video encoder's init.")
+@click.option("--text-init", default="auto", type=click.Choice(["auto", "clip", "minilm", "random"]),
+              help="How label texts T start (see README).")
+@click.option("--classes", type=click.Path(exists=True, dir_okay=False),
+              help="Class list, one name per line [default: classes.txt beside the manifest, else the labels found].")
+@click.option("--target", default="label", type=click.Choice(["label", "segments"]),
+              help="'segments': multi-label atomic actions from the manifest's segments.")
+@click.option("--candidates", default=2, type=click.IntRange(min=0),
+              help="Frames decoded once per segment; training picks one at random each epoch. "
+                   "0: decode every epoch at random times (exact, slower).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips and VLM features here.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume if it exists (same options).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -43,18 +50,18 @@ def main(preset_name, val_data, debug, **options):
     from cmdcl.output_files import check_outputs
     from cmdcl.train.loop import TrainOptions, train
 
-    try:
-        with clean_errors(debug):
-            out = options["out"]  # before anything loads: the checkpoint and its resume state overwrite no input
-            check_outputs([("--out", out), ("--out's resume state", out + ".resume")],
-                          [("--data", options["data"]), ("--val", val_data), ("--classes", options["classes"]),
-                           ("--clip-weights", options["clip_weights"])])
-            opts = TrainOptions(preset=preset_name, val=val_data, **options)
-            command = shlex.join(["cmdcl-train", *sys.argv[1:]])
-            model = train(opts, command=command)
-    except KeyboardInterrupt:  # checkpoints are renamed into place whole: the last completed epoch is intact
-        fail("cmdcl-train", f"interrupted; {options['out']} and its .resume file keep the last completed epoch, if any "
-             "(continue with --resume)", 130, label=None)
+    def kept():  # checkpoints are renamed into place whole: the last completed epoch is intact
+        return f"; {options['out']} and its .resume file keep the last completed epoch, if any (continue with --resume)"
+
+    # ValueError: the option and data checks of cmdcl.train (a batch larger than the data, a missing --clip-weights, ...)
+    with cli_errors("cmdcl-train", debug, expected=(*EXPECTED, ValueError), interrupted=kept):
+        out = options["out"]  # before anything loads: the checkpoint and its resume state overwrite no input
+        check_outputs([("--out", out), ("--out's resume state", out + ".resume")],
+                      [("--data", options["data"]), ("--val", val_data), ("--classes", options["classes"]),
+                       ("--clip-weights", options["clip_weights"])])
+        opts = TrainOptions(preset=preset_name, val=val_data, **options)
+        command = shlex.join(["cmdcl-train", *sys.argv[1:]])
+        model = train(opts, command=command)
     extra = model.checkpoint_extra
     if extra["history"]:
         last = extra["history"][-1]

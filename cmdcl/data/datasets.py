@@ -57,7 +57,8 @@ def read_breakfast(root: str | Path, split: str = "train", test_persons: range =
                     raise ManifestError(f"{labels_file}:{n}: expected 'first-last action' (1-based frame numbers)")
                 if m:
                     first, last = int(m.group(1)), int(m.group(2))
-                    segments.append(check_segment(Segment((first - 1) / BREAKFAST_FPS, last / BREAKFAST_FPS, m.group(3)), f"{labels_file}:{n}"))
+                    segments.append(check_segment(Segment((first - 1) / BREAKFAST_FPS, last / BREAKFAST_FPS, m.group(3)),
+                                                  f"{labels_file}:{n}"))
         entries.append(VideoEntry(video, [BREAKFAST_ACTIVITIES.index(activity)], segments))
     if not entries:
         raise ManifestError(f"{root}: no Breakfast videos (Pxx/camYY/Pxx_<activity>.avi) for split {split!r}")
@@ -79,9 +80,11 @@ def _coin_video(item, where: str) -> tuple[int, str, list[Segment]]:
     segments = []
     for a in item.get("annotation", []):
         span = a.get("segment") if isinstance(a, dict) else None
-        if not (isinstance(span, list) and len(span) == 2 and all(type(t) in (int, float) for t in span) and isinstance(a.get("label"), str)):
+        if not (isinstance(span, list) and len(span) == 2 and all(type(t) in (int, float) for t in span)
+                and isinstance(a.get("label"), str)):
             raise ManifestError(f"{where}: bad annotation {shown(json.dumps(a))}; expected {{\"segment\": [start, end], \"label\": name}}")
-        start, end = (float(t) if isinstance(t, float) or abs(t) < 1e300 else math.inf for t in span)  # an int beyond float's range: not finite
+        # an int beyond float's range: not finite
+        start, end = (float(t) if isinstance(t, float) or abs(t) < 1e300 else math.inf for t in span)
         segments.append(check_segment(Segment(start, end, a["label"].strip()), where))
     return item["recipe_type"], check_name(item["class"], where, "class"), segments
 

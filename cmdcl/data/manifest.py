@@ -27,13 +27,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CmdclError
+
 TARGETS = ("label", "segments")
 CLASS_FILES = {"label": "classes.txt", "segments": "actions.txt"}
 MAX_PATH = 4096  # characters in a video path (Linux's PATH_MAX): longer ones are refused before any stat()
 MAX_NAME = 256  # characters in a class or segment name
 
 
-class ManifestError(ValueError):
+class ManifestError(CmdclError, ValueError):
     """A manifest or annotation file that cannot be used (or a video it lists); the message names it."""
 
 
@@ -134,7 +136,8 @@ def read_class_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: no such class list")
-    names = [check_name(line.strip(), f"{path}:{n}", "class name") for n, line in enumerate(read_text(path, "class list").splitlines(), start=1)]
+    names = [check_name(line.strip(), f"{path}:{n}", "class name")
+             for n, line in enumerate(read_text(path, "class list").splitlines(), start=1)]
     names = [name for name in names if name]
     if not names:
         raise ManifestError(f"{path}: class list is empty")
@@ -155,7 +158,8 @@ def _parse_segments(text: str, where: str) -> list[Segment]:
     return segments
 
 
-def read_manifest(path: str | Path, classes: list[str] | str | Path | None = None, target: str = "label", check_files: bool = True) -> VideoDataset:
+def read_manifest(path: str | Path, classes: list[str] | str | Path | None = None, target: str = "label",
+                  check_files: bool = True) -> VideoDataset:
     """Read and validate a CSV manifest (see the module docstring)."""
     path = Path(path)
     if target not in TARGETS:

@@ -40,6 +40,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from ..errors import CmdclError, first_line
+
 DEFAULT_TIMEOUT = 10.0  # seconds a network source may take to open, or to deliver the next packet
 GAP_GRID_STEPS, GAP_SECONDS = 3, 2.0  # a jump in time longer than both is a gap (see max_gap)
 KEYFRAME_SLACK = 0.1  # keyframes up to 10% further apart than the grid step still count as one per step (camera clocks jitter)
@@ -54,7 +56,7 @@ DECODER_THREADS = 0  # threads per decoder, 0: FFmpeg's choice (one per core); v
 LIVE_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://", "/dev/video")
 
 
-class VideoError(Exception):
+class VideoError(CmdclError):
     """A video that cannot be read; str() is "<path>: <reason>"."""
 
     def __init__(self, path, reason: str):
@@ -134,11 +136,11 @@ def open_video(source, timeout: float | None = DEFAULT_TIMEOUT):
         raise VideoError(source, "no such file or device") from None
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
         if is_live(source):
-            raise VideoError(source, f"cannot open stream ({_first_line(exc)})") from None
+            raise VideoError(source, f"cannot open stream ({_cause(exc)})") from None
         container_kind = _container_signature(source)
         if container_kind:  # the header says video, yet FFmpeg cannot read it: typically cut short
-            raise VideoError(source, f"truncated or corrupt {container_kind} file ({_first_line(exc)})") from None
-        raise VideoError(source, f"not a video ({_first_line(exc)})") from None
+            raise VideoError(source, f"truncated or corrupt {container_kind} file ({_cause(exc)})") from None
+        raise VideoError(source, f"not a video ({_cause(exc)})") from None
     # Cover art (an audio file's attached picture) is a one-frame "video" stream: not a video.
     videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
     if not videos:
@@ -169,11 +171,11 @@ def _container_signature(path) -> str | None:
     return None
 
 
-def _first_line(exc: Exception) -> str:
+def _cause(exc: Exception) -> str:
+    """A decoding error's first line: an OSError's strerror (no errno), or what PyAV's timeout means."""
     if isinstance(exc, av.error.ExitError):  # FFmpeg stopped by PyAV's timeout callback, the only interrupt we set
         return "timed out waiting for data"
-    text = (getattr(exc, "strerror", None) or str(exc)).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(getattr(exc, "strerror", None) or exc)
 
 
 def declared_duration(container, stream) -> float | None:
@@ -232,13 +234,14 @@ def _scan(path, container, stream) -> _Scan:
                 keyframe_pts.append(packet.pts)
     except (av.error.FFmpegError, OSError) as exc:
         if not frame_pts:
-            raise VideoError(path, f"undecodable ({_first_line(exc)})") from None
+            raise VideoError(path, f"undecodable ({_cause(exc)})") from None
         at = (max(frame_pts) - min(frame_pts)) * stream.time_base
         kind = "stalled" if isinstance(exc, av.error.ExitError) else "truncated or corrupt"
-        raise VideoError(path, f"{kind} after {float(at):.2f} s ({_first_line(exc)})") from None
+        raise VideoError(path, f"{kind} after {float(at):.2f} s ({_cause(exc)})") from None
     if not frame_pts:
         declared = declared_duration(container, stream)
-        raise VideoError(path, f"truncated: no frame of the declared {declared:.2f} s" if declared else "undecodable (no video frames with timestamps)")
+        raise VideoError(path, f"truncated: no frame of the declared {declared:.2f} s" if declared
+                         else "undecodable (no video frames with timestamps)")
     frame_pts.sort()
     keyframe_pts.sort()
     tb = float(stream.time_base)
@@ -307,7 +310,7 @@ def _decode_targets(path, container, stream, targets: list, size: int, out: dict
             if wanted == len(targets):
                 break
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_first_line(exc)})") from None
+        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_cause(exc)})") from None
     if wanted < len(targets):
         raise VideoError(path, "undecodable: the decoder returned fewer frames than the file holds")
     return decoded
@@ -437,7 +440,7 @@ def _decode_keyframes(path, timeout, keyframes: list, size: int, out: dict) -> i
             if wanted:
                 raise VideoError(path, "undecodable: keyframes found by the packet scan are missing on a second read")
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_first_line(exc)})") from None
+        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_cause(exc)})") from None
     return decoded
 
 
@@ -622,8 +625,8 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
                     dropped = "the stream ended"
             except (av.error.FFmpegError, OSError) as exc:
                 if not live:
-                    raise VideoError(source, f"undecodable after {held_t or 0.0:.2f} s ({_first_line(exc)}){_damage(source)}") from None
-                dropped = _first_line(exc)
+                    raise VideoError(source, f"undecodable after {held_t or 0.0:.2f} s ({_cause(exc)}){_damage(source)}") from None
+                dropped = _cause(exc)
             if dropped:
                 back_off(progress, f"stream dropped: {dropped}")
                 continue

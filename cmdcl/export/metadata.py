@@ -20,13 +20,15 @@ from pathlib import Path
 import onnx
 
 from .. import __version__
+from ..artifacts import GRAPH_ROLES, GraphRole, default_sampling, graph_io
+from ..errors import CmdclError, first_line
+from ..kernels.onnx_node import DOMAIN, OP_TYPE, OP_VERSION
 from ..model.config import CMDCLConfig, class_name_problem, sampling_problem
-from .intervention_node import DOMAIN, OP_TYPE, OP_VERSION
 
 FORMAT = "cmdcl-onnx"
 FORMAT_VERSION = 1
 NORMALIZATION = "inside_graph"  # the graph takes uint8 RGB 0..255 and applies mean/std itself
-DEFAULT_STREAM_FPS = 1.0  # stream mode: grid frames per second unless the checkpoint says otherwise
+ONNX_TYPES = {"uint8": onnx.TensorProto.UINT8, "float32": onnx.TensorProto.FLOAT}  # graph_io's dtypes as ONNX element types
 
 _INT_KEYS = ("format_version", "num_frames", "image_size", "tokens_per_frame", "width", "opset")
 _BOOL_KEYS = ("multi_label", "visual_intervention")
@@ -40,22 +42,19 @@ SAME_EXPORT_KEYS = ("config_hash", "weights_hash", "classes", "num_frames", "ima
                     "multi_label", "visual_intervention", "precision")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(CmdclError, ValueError):
     """An ONNX file the runtime must not use; the message names the file and the problem."""
 
 
 def sampling_defaults(model) -> dict:
     """How the runtime samples frames for this model; a checkpoint's extra["sampling"] overrides."""
-    f = model.cfg.num_frames
-    fps = DEFAULT_STREAM_FPS
-    sampling = {"num_frames": f, "video": "uniform", "stream_fps": fps, "window_seconds": f / fps,
-                "stride_frames": max(1, f // 2)}
+    sampling = default_sampling(model.cfg.num_frames)
     extra = getattr(model, "checkpoint_extra", None) or {}
     sampling.update(extra.get("sampling", {}))
     return sampling
 
 
-def build_metadata(model, role: str, precision: str, opset: int, weights: str) -> dict[str, str]:
+def build_metadata(model, role: GraphRole, precision: str, opset: int, weights: str) -> dict[str, str]:
     """The metadata_props of one graph; `weights` is the model's `weights_hash`, computed once per export
     (it reads every weight) rather than once per graph."""
     cfg: CMDCLConfig = model.cfg
@@ -171,8 +170,7 @@ def _load(path: Path) -> onnx.ModelProto:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf DecodeError and friends carry no common base
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"{path}: not a readable ONNX file ({first})") from None
+        raise ModelFileError(f"{path}: not a readable ONNX file ({first_line(exc)})") from None
 
 
 def _decode(path: Path, key: str, text: str):
@@ -199,7 +197,7 @@ def _check_values(path: Path, meta: dict) -> None:
 
     if meta["format_version"] != FORMAT_VERSION:
         bad(f"format_version {meta['format_version']} is not supported (this toolkit reads {FORMAT_VERSION})")
-    if meta["graph_role"] not in ("full", "frame_encoder", "head"):
+    if meta["graph_role"] not in GRAPH_ROLES:
         bad(f"graph_role {meta['graph_role']!r:.40} is not full, frame_encoder or head")
     problem = class_name_problem(meta["classes"])
     if problem:
@@ -229,15 +227,10 @@ def _check_values(path: Path, meta: dict) -> None:
             bad(f"{key} {meta[key]!r} disagrees with the recorded config ({expected!r})")
 
 
-def graph_interface(role: str, f: int, size: int, s: int, d: int, c: int) -> tuple[dict, dict]:
-    """(inputs, outputs) of a `role` graph: name -> (element type, shape; None = the dynamic batch axis)."""
-    u8, f32 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
-    heads_out = {"logits": (f32, [None, c]), "embedding": (f32, [None, d])}
-    return {
-        "full": ({"frames": (u8, [None, f, size, size, 3])}, heads_out),
-        "frame_encoder": ({"frames": (u8, [None, size, size, 3])}, {"tokens": (f32, [None, s, d])}),
-        "head": ({"tokens": (f32, [None, f, s, d])}, heads_out),
-    }[role]
+def graph_interface(role: GraphRole, f: int, size: int, s: int, d: int, c: int) -> tuple[dict, dict]:
+    """`artifacts.graph_io` with ONNX element types: name -> (element type, shape; None = the dynamic batch axis)."""
+    return tuple({name: (ONNX_TYPES[dtype], shape) for name, (dtype, shape) in tensors.items()}
+                 for tensors in graph_io(role, f, size, s, d, c))
 
 
 def _describe(value: onnx.ValueInfoProto) -> tuple[int, list]:

@@ -1,12 +1,10 @@
-"""CMDCL -> ONNX (DESIGN.md section 4).
+"""CMDCL -> ONNX (docs/design.md section 4).
 
-Three graphs, each a thin nn.Module around the model that the TorchScript
-exporter traces (`torch.onnx.export(..., dynamo=False)`, which calls
-`CausalInterventionNode.symbolic` for the fused op):
-
-    full           frames uint8 [B, F, H, W, 3] -> logits [B, C], embedding [B, D]
-    frame_encoder  frames uint8 [N, H, W, 3]    -> tokens [N, S, D]
-    head           tokens [B, F, S, D]          -> logits [B, C], embedding [B, D]
+Three graphs (the roles full, frame_encoder and head of `cmdcl.artifacts`,
+with the inputs and outputs `artifacts.graph_io` gives), each a thin nn.Module
+around the model that the TorchScript exporter traces
+(`torch.onnx.export(..., dynamo=False)`, which calls
+`CausalInterventionNode.symbolic` for the fused op).
 
 T' and the intervention memories depend on no input: they are computed once
 here and enter the traced graphs as buffers, so the files hold those
@@ -24,11 +22,13 @@ import onnx
 import torch
 from torch import nn
 
+from ..artifacts import SPLIT_ROLES, GraphRole, graph_io, graph_path
+from ..errors import CmdclError, first_line
+from ..kernels.onnx_node import DOMAIN, OP_VERSION, intervention_function
 from ..model.cmdcl import CMDCL
 from ..output_files import OutputError, atomic_write, check_writable
 from . import metadata
 from .precision import convert_precision
-from .intervention_node import DOMAIN, OP_VERSION, intervention_function
 
 # LayerNormalization is one op from opset 17 on, which is what lets fp16
 # export keep it in fp32 (and the local function needs 15).
@@ -37,7 +37,7 @@ MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
 PRECISIONS = ("fp32", "fp16")
 
 
-class ExportError(RuntimeError):
+class ExportError(CmdclError, RuntimeError):
     """An export that cannot be done as asked; the message is one line."""
 
 
@@ -78,19 +78,14 @@ class FullGraph(HeadGraph):
         return super().forward(tokens.view(b, f, tokens.shape[1], tokens.shape[2]))
 
 
-def output_paths(out_path: str | Path, split: bool = True) -> dict[str, Path]:
-    """`<stem>.onnx`, `<stem>.frame_encoder.onnx`, `<stem>.head.onnx`."""
-    out_path = Path(out_path)
-    paths = {"model": out_path}
-    if split:
-        for role in ("frame_encoder", "head"):
-            paths[role] = out_path.with_name(f"{out_path.stem}.{role}.onnx")
-    return paths
+def output_paths(out_path: str | Path, split: bool = True) -> dict[GraphRole, Path]:
+    """role -> file: `<stem>.onnx` (full) and, with `split`, `<stem>.frame_encoder.onnx`, `<stem>.head.onnx`."""
+    return {role: graph_path(out_path, role) for role in ("full", *(SPLIT_ROLES if split else ()))}
 
 
 def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: str = "fp32", split: bool = True,
-                progress=None) -> dict[str, Path]:
-    """Export `model`; returns {"model": Path[, "frame_encoder": Path, "head": Path]}.
+                progress=None) -> dict[GraphRole, Path]:
+    """Export `model`; returns {"full": Path[, "frame_encoder": Path, "head": Path]}.
 
     `progress`, if given, is called with a short description before each graph.
     """
@@ -115,13 +110,14 @@ def export_onnx(model: CMDCL, out_path: str | Path, opset: int = 18, precision: 
     # Tracing runs the model once: one clip is enough (the batch axis is exported dynamic).
     example_frames = torch.randint(0, 256, (1, f, size, size, 3), dtype=torch.uint8)
     graphs = {
-        "model": ("full", FullGraph(model), example_frames, ["frames"], ["logits", "embedding"]),
-        "frame_encoder": ("frame_encoder", FrameEncoderGraph(model), example_frames[0, :2], ["frames"], ["tokens"]),
-        "head": ("head", HeadGraph(model), torch.randn(2, f, s, d), ["tokens"], ["logits", "embedding"]),
+        "full": (FullGraph(model), example_frames),
+        "frame_encoder": (FrameEncoderGraph(model), example_frames[0, :2]),
+        "head": (HeadGraph(model), torch.randn(2, f, s, d)),
     }
     weights = metadata.weights_hash(model)
-    for key, path in paths.items():
-        role, module, example, inputs, outputs = graphs[key]
+    for role, path in paths.items():
+        module, example = graphs[role]
+        inputs, outputs = (list(names) for names in graph_io(role, f, size, s, d, len(model.class_names)))
         if progress:
             progress(f"exporting {role} -> {path.name}")
         proto = _trace(module, example, inputs, outputs, opset)
@@ -171,8 +167,7 @@ def _finish(proto: onnx.ModelProto, model: CMDCL, role: str, precision: str, ops
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ExportError(f"the exported {role} graph fails onnx.checker: {first}") from None
+        raise ExportError(f"the exported {role} graph fails onnx.checker: {first_line(exc)}") from None
     return proto
 
 

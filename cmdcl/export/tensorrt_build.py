@@ -1,4 +1,4 @@
-"""Build TensorRT engines from exported CMDCL ONNX files (DESIGN.md section 4).
+"""Build TensorRT engines from exported CMDCL ONNX files (docs/design.md section 4).
 
 `build_engine` registers the `cmdcl::CausalIntervention` plugin first (so
 TensorRT's parser runs the fused Triton kernel instead of inlining the
@@ -21,32 +21,25 @@ import json
 import time
 from pathlib import Path
 
+from ..artifacts import SPLIT_ROLES, graph_path, sidecar_path
+from ..errors import CmdclError
 from ..output_files import atomic_write
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-SPLIT_ROLES = ("frame_encoder", "head")
 INSTALL_HINT = "pip install 'tensorrt>=10.9' on a machine with an NVIDIA GPU"
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(CmdclError, RuntimeError):
     """An engine cannot be built; the message is one line naming the cause."""
-
-
-def sidecar_path(engine_path: str | Path) -> Path:
-    """`model.plan` -> `model.plan.json`."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
 
 
 def split_pairs(onnx_path: str | Path, engine_path: str | Path) -> list[tuple[Path, Path]]:
     """(onnx, engine) for the model and for each split graph exported next to it:
     `<stem>.frame_encoder.onnx` -> `<engine stem>.frame_encoder.plan`, same for `head`."""
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    pairs = [(onnx_path, engine_path)]
+    pairs = [(Path(onnx_path), Path(engine_path))]
     for role in SPLIT_ROLES:
-        part = onnx_path.with_name(f"{onnx_path.stem}.{role}.onnx")
-        if part.is_file():
-            pairs.append((part, engine_path.with_name(f"{engine_path.stem}.{role}{engine_path.suffix}")))
+        if graph_path(onnx_path, role).is_file():
+            pairs.append((graph_path(onnx_path, role), graph_path(engine_path, role)))
     return pairs
 
 

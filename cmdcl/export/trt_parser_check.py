@@ -20,8 +20,10 @@ from pathlib import Path
 import onnx
 import onnx.inliner
 
+from ..errors import CmdclError
 
-class TensorRTUnavailable(RuntimeError):
+
+class TensorRTUnavailable(CmdclError, RuntimeError):
     """The tensorrt-rtx wheel is not installed or does not load."""
 
 

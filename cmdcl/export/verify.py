@@ -3,7 +3,7 @@
 The full graph and, when exported, the frame_encoder + head composition run
 on random frames and on a real video (the demo video, or one given); each
 check reports relative error ||out - ref|| / ||ref|| of logits and embedding
-and top-1 agreement, against DESIGN.md section 7 tolerances. fp32 must also
+and top-1 agreement, against the tolerances of docs/design.md section 7 (`artifacts.TOLERANCES`). fp32 must also
 agree on every top-1.
 """
 
@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3}
+from ..artifacts import TOLERANCES
+from ..errors import CmdclError
 
 
-class VerificationError(RuntimeError):
+class VerificationError(CmdclError, RuntimeError):
     """Exported graphs disagree with the PyTorch model beyond tolerance."""
 
 
@@ -99,13 +100,13 @@ def verify_export(model, paths: dict, precision: str = "fp32", video: str | Path
     if clip is not None:
         inputs.append((note, clip))
 
-    full = onnx_session(paths["model"])
+    full = onnx_session(paths["full"])
     split = (onnx_session(paths["frame_encoder"]), onnx_session(paths["head"])) if "head" in paths else None
     checks = []
     for name, frames in inputs:
         with torch.no_grad():
             reference = [t.numpy() for t in model(torch.from_numpy(frames))]
-        checks.append(compare(f"{Path(paths['model']).name} on {name}", full.run(None, {"frames": frames}), reference, precision))
+        checks.append(compare(f"{Path(paths['full']).name} on {name}", full.run(None, {"frames": frames}), reference, precision))
         if split:
             checks.append(compare(f"frame_encoder + head on {name}", run_split(*split, frames), reference, precision))
     failed = [c for c in checks if not c.passed]

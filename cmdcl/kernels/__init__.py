@@ -13,7 +13,7 @@ IMPLEMENTATIONS = ("torch", "onnx", "triton")
 
 
 def causal_intervention(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float | None = None, impl: str = "torch"):
-    """Both front-door attentions of DESIGN.md section 3 in one call.
+    """Both front-door attentions of docs/design.md section 3 in one call.
 
     q [B, L, h*d]; kt, vt [h, C, d] (text mediator); kz, vz [h, Kz, d]
     (confounder dictionary); log_prior [Kz]. Returns [B, L, 2*h*d]: per token
@@ -27,7 +27,7 @@ def causal_intervention(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: flo
     if impl == "torch":
         return causal_intervention_reference(q, kt, vt, kz, vz, log_prior, num_heads, scale)
     if impl == "onnx":  # the reference, traced by torch.onnx.export as one cmdcl::CausalIntervention node
-        from ..export.intervention_node import causal_intervention_node
+        from .onnx_node import causal_intervention_node
 
         return causal_intervention_node(q, kt, vt, kz, vz, log_prior, num_heads, scale)
     if impl == "triton":  # the fused Triton kernel: CUDA tensors (or CPU under TRITON_INTERPRET=1)

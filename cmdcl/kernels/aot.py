@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import triton
 
+from ..errors import CmdclError
 from .triton_kernel import KERNEL_ARGS, causal_intervention_kernel, kernel_config, launch_grid
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,7 +45,7 @@ def ptx_version(arch: int) -> int | None:
 MAX_STATIC_SHARED = 48 * 1024
 
 
-class AotError(RuntimeError):
+class AotError(CmdclError, RuntimeError):
     """The kernel cannot be compiled or assembled for the requested target."""
 
 
@@ -112,9 +113,8 @@ def compile_kernel(
     attrs = {(i,): [["tt.divisibility", 16]] for i in pointer_positions}
     source = triton.compiler.ASTSource(fn=causal_intervention_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, ptx_version=ptx_version(arch))
-        )
+        options = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES, ptx_version=ptx_version(arch))
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as error:  # triton raises many types; report one line
         raise AotError(f"triton could not compile the kernel for sm_{arch}: {error}") from error
     meta = compiled.metadata

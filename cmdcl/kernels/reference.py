@@ -1,4 +1,4 @@
-"""The PyTorch reference of the fused intervention op (DESIGN.md section 3).
+"""The PyTorch reference of the fused intervention op (docs/design.md section 3).
 
 This is the definition every other implementation (ONNX local function,
 Triton kernel, TensorRT plugin) is checked against.

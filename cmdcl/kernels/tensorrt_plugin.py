@@ -26,12 +26,13 @@ any machine.
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, List, Tuple, Union
 
+from .onnx_node import DOMAIN as PLUGIN_NAMESPACE
+from .onnx_node import OP_TYPE as PLUGIN_NAME
+
 if TYPE_CHECKING:
     from .aot import AotKernel
 
-PLUGIN_NAMESPACE = "cmdcl"
-PLUGIN_NAME = "CausalIntervention"
-PLUGIN_VERSION = "1"  # tensorrt.plugin registers every plugin as version "1"
+PLUGIN_VERSION = "1"  # tensorrt.plugin registers every plugin as version "1" (the node's version must agree)
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 # tactic -> query rows per program (tactic 0 is TensorRT's "default").
 TACTIC_BLOCK_L = {0: 64, 1: 64, 2: 16}
@@ -39,7 +40,9 @@ TACTIC_BLOCK_L = {0: 64, 1: 64, 2: 16}
 _registered = False
 
 
-def aot_launch(dtype: str, num_heads: int, head_dim: int, num_text: int, num_conf: int, scale: float, arch: int, tactic: int) -> "AotKernel":
+def aot_launch(
+    dtype: str, num_heads: int, head_dim: int, num_text: int, num_conf: int, scale: float, arch: int, tactic: int
+) -> "AotKernel":
     """The kernel and launch contract the plugin hands TensorRT for one
     (dtype, tactic) on a GPU of compute capability `arch` (e.g. 90)."""
     from .aot import compile_kernel  # triton: needed to build engines, not to run them

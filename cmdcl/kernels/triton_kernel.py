@@ -1,4 +1,4 @@
-"""The fused causal-intervention op as one Triton kernel (DESIGN.md section 3).
+"""The fused causal-intervention op as one Triton kernel (docs/design.md section 3).
 
 One program handles BLOCK_L query tokens of one (batch, head) pair: the grid
 is (cdiv(L, BLOCK_L), B * h), so heads live in the grid and the per-head
@@ -16,10 +16,8 @@ fp32; fp32 inputs use IEEE dots (TF32 would miss the fp32 tolerance).
 The kernel's argument order is the TensorRT plugin's launch order: input
 pointers, then int32 scalars, then the output pointer (see aot.py).
 
-`causal_intervention_triton_fused_q` is the same op with the query
-projection fused in (each program computes its Q tile from x and Wq). It is
-not used by the model or the plugin: whether it pays is measured by
-benchmarks/gpu_check.py first.
+`program_tile`, `intervene` and `prepare_launch` are shared with the
+experimental fused-Q-projection kernel (triton_fused_q.py).
 """
 
 from __future__ import annotations
@@ -81,7 +79,7 @@ def _memory_attention(
 
 
 @triton.jit
-def _program_tile(seq_len, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def program_tile(seq_len, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's head, token indices (int64: B*L*2hd may pass 2^31),
     head dims and their masks."""
     batch = tl.program_id(1) // NUM_HEADS
@@ -94,23 +92,23 @@ def _program_tile(seq_len, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
-def _intervene(
+def intervene(
     q, head, tokens, row_ok, dims, dim_ok,
     kt_ptr, vt_ptr, kz_ptr, vz_ptr, prior_ptr, num_text, num_conf, out_ptr,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """Both attentions for one query tile; stores [M ; Zh] of this head."""
     mediator = _memory_attention(
         q, dims, dim_ok,
         kt_ptr + head * num_text * HEAD_DIM, vt_ptr + head * num_text * HEAD_DIM, prior_ptr, num_text,
         False, HEAD_DIM, BLOCK_L, BLOCK_D, BLOCK_C, SCALE, DOT_PRECISION,
-    )  # fmt: skip
+    )
     cross_sample = _memory_attention(
         q, dims, dim_ok,
         kz_ptr + head * num_conf * HEAD_DIM, vz_ptr + head * num_conf * HEAD_DIM, prior_ptr, num_conf,
         True, HEAD_DIM, BLOCK_L, BLOCK_D, BLOCK_Z, SCALE, DOT_PRECISION,
-    )  # fmt: skip
+    )
     width: tl.constexpr = NUM_HEADS * HEAD_DIM
     io_mask = row_ok[:, None] & dim_ok[None, :]
     out = out_ptr + tokens[:, None] * (2 * width) + head * HEAD_DIM + dims[None, :]
@@ -123,44 +121,17 @@ def causal_intervention_kernel(
     q_ptr, kt_ptr, vt_ptr, kz_ptr, vz_ptr, prior_ptr, seq_len, num_text, num_conf, out_ptr,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
+):
     """q [B, L, h*d]; kt, vt [h, C, d]; kz, vz [h, Kz, d]; log_prior [Kz];
     out [B, L, 2*h*d] = per token [M ; Zh], heads merged. All contiguous."""
-    head, tokens, row_ok, dims, dim_ok = _program_tile(seq_len, NUM_HEADS, HEAD_DIM, BLOCK_L, BLOCK_D)
+    head, tokens, row_ok, dims, dim_ok = program_tile(seq_len, NUM_HEADS, HEAD_DIM, BLOCK_L, BLOCK_D)
     width: tl.constexpr = NUM_HEADS * HEAD_DIM
     q_offsets = tokens[:, None] * width + head * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    _intervene(
+    intervene(
         q, head, tokens, row_ok, dims, dim_ok, kt_ptr, vt_ptr, kz_ptr, vz_ptr, prior_ptr, num_text, num_conf, out_ptr,
         NUM_HEADS, HEAD_DIM, SCALE, BLOCK_L, BLOCK_D, BLOCK_C, BLOCK_Z, DOT_PRECISION,
-    )  # fmt: skip
-
-
-@triton.jit
-def causal_intervention_fused_q_kernel(
-    x_ptr, wq_ptr, bq_ptr, kt_ptr, vt_ptr, kz_ptr, vz_ptr, prior_ptr, seq_len, num_text, num_conf, out_ptr,
-    IN_DIM: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SCALE: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """The same op with the query projection fused: q = x Wq^T + bq is
-    computed per tile from x [B, L, IN_DIM], wq [h*d, IN_DIM] (nn.Linear
-    layout) and bq [h*d], so Q never goes through global memory."""
-    head, tokens, row_ok, dims, dim_ok = _program_tile(seq_len, NUM_HEADS, HEAD_DIM, BLOCK_L, BLOCK_D)
-    out_features = head * HEAD_DIM + dims
-    acc = tl.zeros([BLOCK_L, BLOCK_D], tl.float32)
-    for start in range(0, IN_DIM, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < IN_DIM
-        x = tl.load(x_ptr + tokens[:, None] * IN_DIM + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(wq_ptr + out_features[None, :] * IN_DIM + ks[:, None], mask=k_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
-    bias = tl.load(bq_ptr + out_features, mask=dim_ok, other=0.0).to(tl.float32)
-    q = (acc + bias[None, :]).to(x_ptr.dtype.element_ty)  # rounded like nn.Linear's output
-    _intervene(
-        q, head, tokens, row_ok, dims, dim_ok, kt_ptr, vt_ptr, kz_ptr, vz_ptr, prior_ptr, num_text, num_conf, out_ptr,
-        NUM_HEADS, HEAD_DIM, SCALE, BLOCK_L, BLOCK_D, BLOCK_C, BLOCK_Z, DOT_PRECISION,
-    )  # fmt: skip
+    )
 
 
 def _tile(n: int, cap: int | None = None) -> int:
@@ -204,35 +175,13 @@ def causal_intervention_triton(
     given, a contiguous [B, L, 2*h*d] tensor). Needs CUDA tensors, or CPU
     tensors with TRITON_INTERPRET=1 set before this module is imported."""
     b, seq_len, width = q.shape
-    memories, out, grid, options = _prepare(b, seq_len, width, q, kt, vt, kz, vz, log_prior, num_heads, scale, block_l, out)
+    memories, out, grid, options = prepare_launch(b, seq_len, width, q, kt, vt, kz, vz, log_prior, num_heads, scale, block_l, out)
     if out.numel():
         causal_intervention_kernel[grid](q.contiguous(), *memories, seq_len, kt.shape[1], kz.shape[1], out, **options)
     return out
 
 
-def causal_intervention_triton_fused_q(
-    x, weight, bias, kt, vt, kz, vz, log_prior, num_heads: int, scale: float, block_l: int | None = None,
-    out: torch.Tensor | None = None,
-):  # fmt: skip
-    """`causal_intervention_triton(x @ weight.T + bias, ...)` with the query
-    projection (nn.Linear weight [h*d, D_in], bias [h*d]) computed inside the
-    kernel, tile by tile, instead of as a separate GEMM whose output makes a
-    round trip through global memory."""
-    b, seq_len, in_dim = x.shape
-    width = weight.shape[0]
-    if weight.shape != (width, in_dim) or bias.shape != (width,):
-        raise ValueError(f"weight must be [h*d, {in_dim}] and bias [h*d], got {list(weight.shape)} and {list(bias.shape)}")
-    memories, out, grid, options = _prepare(b, seq_len, width, x, kt, vt, kz, vz, log_prior, num_heads, scale, block_l, out)
-    weight, bias = weight.to(x.dtype).contiguous(), bias.to(x.dtype).contiguous()
-    if out.numel():
-        causal_intervention_fused_q_kernel[grid](
-            x.contiguous(), weight, bias, *memories, seq_len, kt.shape[1], kz.shape[1], out,
-            IN_DIM=in_dim, BLOCK_K=32 if x.dtype == torch.float32 else 64, **options,
-        )  # fmt: skip
-    return out
-
-
-def _prepare(b, seq_len, width, like, kt, vt, kz, vz, log_prior, num_heads, scale, block_l, out):
+def prepare_launch(b, seq_len, width, like, kt, vt, kz, vz, log_prior, num_heads, scale, block_l, out):
     """Shared checks and launch setup: (memories in like's dtype, out, grid, kernel options)."""
     h, num_text, head_dim = kt.shape
     num_conf = kz.shape[1]

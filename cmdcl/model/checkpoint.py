@@ -1,4 +1,4 @@
-"""CMDCL checkpoints: a dict of plain types and tensors (DESIGN.md section 4).
+"""CMDCL checkpoints: a dict of plain types and tensors (docs/design.md section 4).
 
     {"format": "cmdcl-checkpoint", "format_version": 1, "toolkit_version": str,
      "config": dict, "class_names": [str], "state_dict": {name: tensor},
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..errors import CmdclError, first_line
 from ..output_files import atomic_write
 from .cmdcl import CMDCL, DICTIONARY_KEYS
 from .config import CMDCLConfig, class_name_problem, sampling_problem
@@ -34,7 +35,7 @@ MAX_PICKLE_BYTES = 64 * 2**20  # the pickled dict around the tensors: config, cl
 EXTRA_TENSOR_BYTES = 64 * 2**20  # tensor data allowed beyond the model's own state (whatever `extra` holds)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CmdclError, ValueError):
     """A file that cannot be loaded as a CMDCL checkpoint; the message names it."""
 
 
@@ -76,11 +77,12 @@ def read_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(str(exc))
         if "global" in detail.lower():
-            raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain types ({detail})") from None
+            raise CheckpointError(f"{path}: refused to load: the file holds objects other than tensors and plain types "
+                                  f"({detail})") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
     # IndexError/KeyError: the weights-only unpickler on bytes that are not a pickle at all.
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(str(exc)) or type(exc).__name__})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a CMDCL checkpoint (no format tag {FORMAT!r})")
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -116,7 +118,7 @@ def archive_tensor_bytes(path: Path) -> int:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable torch checkpoint (not a zip archive as torch.save writes: "
-                              f"{_first_line(str(exc)) or type(exc).__name__})") from None
+                              f"{first_line(exc)})") from None
     tensor_bytes = 0
     for entry in entries:
         if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
@@ -141,7 +143,7 @@ def _model_bytes(path: Path, payload: dict) -> int:
     try:
         cfg = CMDCLConfig.from_dict(payload["config"])
     except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: {_first_line(str(exc))}") from None
+        raise CheckpointError(f"{path}: {first_line(str(exc))}") from None
     extra = payload.get("extra", {})
     problem = sampling_problem(extra.get("sampling", {}), cfg.num_frames)
     if problem:
@@ -169,10 +171,6 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:,.1f} MiB"
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
-
-
 def _unpickler_detail(message: str) -> str:
     """The informative line of torch's long weights-only error message."""
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
@@ -180,7 +178,7 @@ def _unpickler_detail(message: str) -> str:
         line = line.strip().removeprefix("WeightsUnpickler error:").strip()
         if line and not line.startswith(boilerplate):
             return line
-    return _first_line(message)
+    return first_line(message)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> CMDCL:
@@ -191,6 +189,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = {**payload["state_dict"], **payload["dictionaries"]}
         model.load_state_dict(state, strict=True)
     except (ValueError, TypeError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: checkpoint does not match the CMDCL model ({_first_line(str(exc))})") from None
+        raise CheckpointError(f"{path}: checkpoint does not match the CMDCL model ({first_line(str(exc))})") from None
     model.checkpoint_extra = payload.get("extra", {})
     return model.to(map_location).eval()

@@ -1,6 +1,6 @@
 """Configuration of a CMDCL model, as plain dataclasses.
 
-Every choice DESIGN.md marks as a reconstruction (pooling, token grid, depth,
+Every choice docs/design.md marks as a reconstruction (pooling, token grid, depth,
 dictionary sizes, use of priors, the two interventions) is a field here, so
 ablations are a config change and the config round-trips through checkpoints
 as a plain dict.
@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+
+from ..artifacts import MAX_GRID_RATE
 
 # OpenAI CLIP's preprocessing constants (RGB, images scaled to [0, 1]).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -31,7 +33,6 @@ MAX_BUFFER_BYTES = 2**30  # one clip's frames (F x size x size x 3 bytes), and i
 MAX_CLASSES, MAX_CLASS_NAME = 100_000, 1000  # class names: how many, and characters in one
 # Stream-mode sampling (a checkpoint's extra["sampling"], an export's metadata): field -> (min, max).
 SAMPLING_LIMITS = {"stream_fps": (1e-3, 1000.0), "window_seconds": (0.01, 86400.0), "stride_frames": (1, 4096)}
-MAX_GRID_RATE = 1000.0  # grid frames per second (num_frames / window_seconds)
 
 
 @dataclass
@@ -143,7 +144,7 @@ class CMDCLConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CMDCLConfig":
+    def from_dict(cls, d: dict) -> CMDCLConfig:
         """The config a plain dict describes (a checkpoint's, an export's); ValueError for anything else."""
         if not isinstance(d, dict):
             raise ValueError(f"a CMDCL config is an object, not {type(d).__name__}")

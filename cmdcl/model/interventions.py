@@ -1,4 +1,4 @@
-"""The two causal interventions of CMDCL (DESIGN.md section 2, steps 3 and 6)."""
+"""The two causal interventions of CMDCL (docs/design.md sections 2.3 and 2.6)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     for record in Recognizer("model.onnx").stream("rtsp://..."): ...
 """
 
-from .backends import Backend, BackendError, ModelInfo, load_backend
+from .backends import BACKENDS, Backend, BackendError, ModelInfo, load_backend
 from .recognizer import Recognizer
 
-__all__ = ["Backend", "BackendError", "ModelInfo", "Recognizer", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "ModelInfo", "Recognizer", "load_backend"]

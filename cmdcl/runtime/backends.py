@@ -1,39 +1,44 @@
 """Inference backends behind one small interface (in the spirit of polygraphy's runners).
 
 A Backend is loaded from a model file and exposes the model's metadata
-(`info`), the I/O of its three graphs (`io(part)`), and `infer(part, feeds)`
-on numpy arrays, where part is one of
+(`info`), the I/O of its three graphs (`io(role)`) and `infer(role, feeds)` on
+numpy arrays; the graph roles ("full", "frame_encoder", "head"), their I/O and
+the files of the split graphs and engines are the artifact contract in
+`cmdcl.artifacts`. `infer` checks the feeds against `io(role)` (names, dtypes,
+shapes) before the implementation's `_infer` runs. A backend holds its sessions,
+engines or model until `close()`, or the end of a `with` block:
 
-    "model"          frames uint8 [B, F, H, W, 3] -> logits [B, C], embedding [B, D]
-    "frame_encoder"  frames uint8 [N, H, W, 3]    -> tokens [N, S, D]
-    "head"           tokens [B, F, S, D]          -> logits [B, C], embedding [B, D]
+    with load_backend("model.onnx") as backend:
+        logits = backend.classify_clips(frames)
 
 Implementations: PyTorch (`.pt` checkpoint), ONNX Runtime (`.onnx`, with the
-CPU, CUDA or TensorRT execution provider; the split graphs sit next to it as
-`<stem>.frame_encoder.onnx` / `<stem>.head.onnx`) and TensorRT (`.plan` with
-its `.plan.json` sidecar and split `<stem>.frame_encoder.plan` /
-`<stem>.head.plan`). torch-free imports: onnxruntime and tensorrt are
-imported only when such a backend is loaded. Every model file's metadata is
-validated (and bounded) before use, and a split graph must come from the same
-export as the model next to it (`check_same_export`).
+CPU, CUDA or TensorRT execution provider) and TensorRT (`.plan` with its JSON
+sidecar). torch-free imports: onnxruntime and tensorrt are imported only when
+such a backend is loaded. Every model file's metadata is validated (and
+bounded) before use, and a split graph must come from the same export as the
+model next to it (`check_same_export`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..artifacts import GRAPH_ROLES, GraphRole, graph_io, graph_path, read_sidecar, stride_frames, window_seconds
+from ..errors import CmdclError
+
+if TYPE_CHECKING:
+    from ..model.config import CMDCLConfig
+
 BACKENDS = ("auto", "ort", "trt", "torch")
-# Stream mode defaults when a model records none: one grid frame per second, windows overlapping by half.
-DEFAULT_STREAM_FPS = 1.0
 
 
-class BackendError(Exception):
+class BackendError(CmdclError):
     """A model file or backend that cannot be used; the message says why in one line."""
 
 
@@ -46,64 +51,96 @@ class ModelInfo:
     width: int  # D
     multi_label: bool
     sampling: dict = field(default_factory=dict)  # num_frames, stream_fps, window_seconds, stride_frames
+    config: CMDCLConfig | None = None  # the model's config (the checkpoint's, or the one its metadata records)
 
     @classmethod
-    def from_metadata(cls, meta: dict) -> "ModelInfo":
-        """From the metadata of an exported model (ONNX metadata_props or a TensorRT sidecar)."""
+    def from_metadata(cls, meta: dict) -> ModelInfo:
+        """From the metadata of an exported model (ONNX metadata_props or a TensorRT sidecar), already validated."""
+        from ..model.config import CMDCLConfig
+
         return cls(list(meta["classes"]), int(meta["num_frames"]), int(meta["image_size"]), int(meta["tokens_per_frame"]),
-                   int(meta["width"]), bool(meta["multi_label"]), dict(meta.get("sampling") or {}))
+                   int(meta["width"]), bool(meta["multi_label"]), dict(meta.get("sampling") or {}),
+                   CMDCLConfig.from_dict(meta["config"]))
 
     @property
     def window_seconds(self) -> float:
-        return float(self.sampling.get("window_seconds", self.num_frames / self.sampling.get("stream_fps", DEFAULT_STREAM_FPS)))
+        return window_seconds(self.sampling, self.num_frames)
 
     @property
     def stride_seconds(self) -> float:
-        stride_frames = self.sampling.get("stride_frames", max(1, self.num_frames // 2))
-        return stride_frames * self.window_seconds / self.num_frames
+        return stride_frames(self.sampling, self.num_frames) * self.window_seconds / self.num_frames
 
-
-def part_path(model, part: str) -> Path:
-    """The file of one graph: the model itself, or `<stem>.frame_encoder<suffix>` /
-    `<stem>.head<suffix>` next to it (as cmdcl-export and cmdcl-build name them)."""
-    model = Path(model)
-    return model if part == "model" else model.with_name(f"{model.stem}.{part}{model.suffix}")
+    def io(self, role: GraphRole) -> tuple[dict, dict]:
+        """(inputs, outputs) of a graph: name -> (dtype, shape), None for the dynamic batch axis (`artifacts.graph_io`)."""
+        return graph_io(role, self.num_frames, self.image_size, self.tokens_per_frame, self.width, len(self.classes))
 
 
 class Backend:
-    """A loaded model. Subclasses implement `load` and `infer`."""
+    """A loaded model. Subclasses implement `load`, `_infer` and, when they hold sessions or engines, `_close`."""
 
     name = ""
+    closed = False
 
-    def __init__(self, path, device: str = "cpu"):
-        self.path, self.device = Path(path), device
+    def __init__(self, path, device: str = "cpu", threads: int | None = None):
+        # threads: ONNX Runtime's intra-op threads (None: its default); the PyTorch backend follows torch.set_num_threads
+        self.path, self.device, self.threads = Path(path), device, threads
         self.info: ModelInfo | None = None
         self.load()
 
     def load(self) -> None:
         raise NotImplementedError
 
-    def infer(self, part: str, feeds: dict) -> dict:
-        """Run one graph on numpy inputs; returns its outputs by name as numpy arrays."""
+    def infer(self, role: GraphRole, feeds: dict) -> dict:
+        """Run one graph on numpy inputs, checked against `io(role)`; returns its outputs by name as numpy arrays."""
+        if self.closed:
+            raise BackendError(f"{self.path}: the {self.name} backend is closed")
+        self.check_feeds(role, feeds)
+        return self._infer(role, feeds)
+
+    def _infer(self, role: GraphRole, feeds: dict) -> dict:
         raise NotImplementedError
 
-    def part_path(self, part: str) -> Path:
-        return part_path(self.path, part)
+    def check_feeds(self, role: GraphRole, feeds: dict) -> None:
+        """BackendError, one line naming the model file, unless `feeds` are the arrays `io(role)` names, of its dtypes
+        and shapes (any length along the batch axis)."""
+        if role not in GRAPH_ROLES:
+            raise BackendError(f"{self.path}: no {role!r} graph; the graphs are {', '.join(GRAPH_ROLES)}")
+        inputs, _ = self.io(role)
+        if set(feeds) != set(inputs):
+            raise BackendError(f"{self.path}: the {role} graph takes {sorted(inputs)}, not {sorted(feeds)}")
+        for name, (dtype, shape) in inputs.items():
+            array = feeds[name]
+            if not (isinstance(array, np.ndarray) and array.dtype == dtype and array.ndim == len(shape)
+                    and all(want is None or want == have for want, have in zip(shape, array.shape))):
+                got = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+                wanted = ", ".join("B" if n is None else str(n) for n in shape)
+                raise BackendError(f"{self.path}: the {role} graph's input {name!r} must be {dtype} [{wanted}], got {got}")
 
-    def io(self, part: str) -> tuple[dict, dict]:
-        """(inputs, outputs) of a graph: name -> (dtype, shape), None for a dynamic axis."""
-        i = self.info
-        f, size, s, d, c = i.num_frames, i.image_size, i.tokens_per_frame, i.width, len(i.classes)
-        heads = {"logits": ("float32", [None, c]), "embedding": ("float32", [None, d])}
-        return {
-            "model": ({"frames": ("uint8", [None, f, size, size, 3])}, heads),
-            "frame_encoder": ({"frames": ("uint8", [None, size, size, 3])}, {"tokens": ("float32", [None, s, d])}),
-            "head": ({"tokens": ("float32", [None, f, s, d])}, heads),
-        }[part]
+    def close(self) -> None:
+        """Free the sessions, engines or model this backend holds; `infer` refuses afterwards. Idempotent."""
+        if not self.closed:
+            self._close()
+            self.closed = True
+
+    def _close(self) -> None:
+        """What `close` frees; nothing by default."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def graph_path(self, role: GraphRole) -> Path:
+        return graph_path(self.path, role)
+
+    def io(self, role: GraphRole) -> tuple[dict, dict]:
+        """(inputs, outputs) of a graph: name -> (dtype, shape), None for the dynamic batch axis."""
+        return self.info.io(role)
 
     # The three calls the runtime makes.
     def classify_clips(self, frames: np.ndarray) -> np.ndarray:
-        return self.infer("model", {"frames": frames})["logits"]
+        return self.infer("full", {"frames": frames})["logits"]
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
         return self.infer("frame_encoder", {"frames": frames})["tokens"]
@@ -139,15 +176,15 @@ class TorchBackend(Backend):
             raise BackendError(str(exc)) from None
         cfg = self.model.cfg
         self.info = ModelInfo(list(self.model.class_names), cfg.num_frames, cfg.vision.image_size, cfg.tokens_per_frame,
-                              cfg.width, cfg.multi_label, sampling_defaults(self.model))
+                              cfg.width, cfg.multi_label, sampling_defaults(self.model), cfg)
 
-    def infer(self, part: str, feeds: dict) -> dict:
+    def _infer(self, role: GraphRole, feeds: dict) -> dict:
         import torch
 
         with torch.inference_mode():
-            if part == "frame_encoder":
+            if role == "frame_encoder":
                 return {"tokens": self.model.frame_tokens(self._tensor(feeds["frames"])).float().cpu().numpy()}
-            if part == "head":
+            if role == "head":
                 logits, embedding = self.model.head(self._tensor(feeds["tokens"]))
             else:
                 logits, embedding = self.model(self._tensor(feeds["frames"]))
@@ -159,6 +196,16 @@ class TorchBackend(Backend):
 
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
+    def _close(self) -> None:
+        import gc
+
+        import torch
+
+        self.model = None
+        gc.collect()  # a model can sit in reference cycles (torch.compile's wrappers, torch's first-use imports)
+        if self.device == "cuda":
+            torch.cuda.empty_cache()  # what the next model loads starts from the memory this one held
+
 
 class OrtBackend(Backend):
     """An exported `.onnx` model on ONNX Runtime; the split graphs load on first use."""
@@ -166,8 +213,8 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, path, device: str = "cpu", tensorrt_ep: bool = False, threads: int | None = None):
-        self.tensorrt_ep, self.threads = tensorrt_ep, threads  # threads: intra-op threads (None: ONNX Runtime's default)
-        super().__init__(path, device)
+        self.tensorrt_ep = tensorrt_ep
+        super().__init__(path, device, threads)
 
     def load(self) -> None:
         import onnxruntime as ort
@@ -192,31 +239,34 @@ class OrtBackend(Backend):
         self.providers = wanted
         self.sessions: dict = {}
 
-    def session(self, part: str):
-        if part not in self.sessions:
+    def session(self, role: GraphRole):
+        if role not in self.sessions:
             import onnxruntime as ort
 
             from ..export.metadata import ModelFileError, check_same_export, read_metadata
 
-            path = self.part_path(part)
+            path = self.graph_path(role)
             if not path.exists():
                 raise BackendError(f"{path}: no such file (stream mode needs the split graphs; export with split=True)")
-            if part != "model":
+            if role != "full":
                 try:
-                    check_same_export(self.path, self.meta, path, read_metadata(path), part)
+                    check_same_export(self.path, self.meta, path, read_metadata(path), role)
                 except ModelFileError as exc:
                     raise BackendError(str(exc)) from None
             options = ort.SessionOptions()
             options.log_severity_level = 3
             if self.threads:
                 options.intra_op_num_threads = self.threads
-            self.sessions[part] = ort.InferenceSession(str(path), options, providers=self.providers)
-        return self.sessions[part]
+            self.sessions[role] = ort.InferenceSession(str(path), options, providers=self.providers)
+        return self.sessions[role]
 
-    def infer(self, part: str, feeds: dict) -> dict:
-        session = self.session(part)
+    def _infer(self, role: GraphRole, feeds: dict) -> dict:
+        session = self.session(role)
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
+
+    def _close(self) -> None:
+        self.sessions.clear()
 
 
 class TensorRTBackend(Backend):
@@ -251,39 +301,38 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def sidecar_metadata(engine_path: Path) -> dict:
-        """The validated metadata in an engine's `.plan.json` sidecar (cmdcl-build copies the ONNX file's)."""
-        from ..export.metadata import ModelFileError, check_metadata
-        from ..export.tensorrt_build import sidecar_path
+        """The validated metadata in an engine's JSON sidecar (cmdcl-build copies the ONNX file's)."""
+        from ..export.metadata import ModelFileError
 
-        sidecar = sidecar_path(engine_path)
         try:
-            return check_metadata(sidecar, json.loads(sidecar.read_text())["metadata"])
+            return read_sidecar(engine_path)["metadata"]
         except ModelFileError as exc:
             raise BackendError(str(exc)) from None
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-            raise BackendError(f"{sidecar}: cannot read the engine's metadata sidecar ({str(exc) or type(exc).__name__:.100})") from None
 
-    def engine(self, part: str):
-        if part not in self.engines:
+    def engine(self, role: GraphRole):
+        if role not in self.engines:
             from ..export.metadata import ModelFileError, check_same_export
 
-            path = self.part_path(part)
+            path = self.graph_path(role)
             if not path.exists():
                 raise BackendError(f"{path}: no such file (stream mode needs the split engines; cmdcl-build makes them)")
-            if part != "model":
+            if role != "full":
                 try:
-                    check_same_export(self.path, self.meta, path, self.sidecar_metadata(path), part)
+                    check_same_export(self.path, self.meta, path, self.sidecar_metadata(path), role)
                 except ModelFileError as exc:
                     raise BackendError(str(exc)) from None
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"{path}: TensorRT could not deserialise the engine (built by another TensorRT version or GPU?)")
-            self.engines[part] = (engine, engine.create_execution_context())
-        return self.engines[part]
+            self.engines[role] = (engine, engine.create_execution_context())
+        return self.engines[role]
 
-    def infer(self, part: str, feeds: dict) -> dict:
+    def _close(self) -> None:
+        self.engines.clear()  # execution contexts and engines: their device memory goes with them
+
+    def _infer(self, role: GraphRole, feeds: dict) -> dict:
         """Runs in chunks along dimension 0 no larger than the engine's profile allows."""
-        engine, context = self.engine(part)
+        engine, context = self.engine(role)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == self.trt.TensorIOMode.INPUT]
         limit = min(engine.get_tensor_profile_shape(n, 0)[2][0] for n in inputs)
@@ -314,9 +363,10 @@ class TensorRTBackend(Backend):
         return {name: buffers[name].float().cpu().numpy() for name in outputs}
 
 
-def load_backend(engine=None, backend: str = "auto", device: str = "cpu") -> Backend:
+def load_backend(engine=None, backend: str = "auto", device: str = "cpu", threads: int | None = None) -> Backend:
     """The backend for `engine` (by suffix, or as `backend` says); the bundled
-    demo model on ONNX Runtime when `engine` is None."""
+    demo model on ONNX Runtime when `engine` is None. `threads`: ONNX Runtime's
+    intra-op threads (None: its default); the other backends take none."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if device not in ("cpu", "cuda"):
@@ -333,7 +383,7 @@ def load_backend(engine=None, backend: str = "auto", device: str = "cpu") -> Bac
             raise BackendError(f"{path}: the torch backend runs .pt checkpoints")
         return TorchBackend(path, device)
     if suffix == ".onnx":  # --backend trt with an ONNX file: ONNX Runtime's TensorRT execution provider
-        return OrtBackend(path, device, tensorrt_ep=kind == "trt")
+        return OrtBackend(path, device, tensorrt_ep=kind == "trt", threads=threads)
     if kind == "trt":
         return TensorRTBackend(path, device)
     raise BackendError(f"{path}: the {kind} backend runs .onnx files")
@@ -355,7 +405,8 @@ def demo_engine() -> Path:
         raise BackendError(f"no --engine given and the demo model is missing: {exc}") from None
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
     target = cache_dir() / f"demo-{digest}"
-    if not (target / "model.head.onnx").exists():
+    model = target / "model.onnx"
+    if not graph_path(model, "head").exists():
         import shutil
         import tempfile
 
@@ -365,11 +416,11 @@ def demo_engine() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
         try:
-            export_onnx(load_checkpoint(checkpoint), tmp / "model.onnx")
+            export_onnx(load_checkpoint(checkpoint), tmp / model.name)
             os.replace(tmp, target)  # atomic: a concurrent first run sees all files or none
         except OSError:
-            if not (target / "model.head.onnx").exists():
+            if not graph_path(model, "head").exists():
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return target / "model.onnx"
+    return model

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from ..cli.errors import first_line
 from ..data import video
 from ..data.video import VideoError
+from ..errors import first_line
 
 MAX_WORKERS = 64  # more decoding processes than this only cost memory (each holds its clips and a decoder)
 PR_SET_PDEATHSIG = 1  # Linux prctl(2): a signal the kernel sends this process when its parent dies

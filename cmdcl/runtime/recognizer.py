@@ -30,25 +30,36 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import threading
 import time
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from ..data.video import DEFAULT_TIMEOUT, RUNTIME_SAMPLING, SAMPLINGS, Reconnect, VideoError, is_endless, is_live, iter_grid_frames, list_videos, read_clip
+from ..artifacts import MAX_GRID_RATE
+from ..data.video import (
+    DEFAULT_TIMEOUT,
+    RUNTIME_SAMPLING,
+    SAMPLINGS,
+    Reconnect,
+    VideoError,
+    is_endless,
+    is_live,
+    iter_grid_frames,
+    list_videos,
+    read_clip,
+)
 from .backends import Backend, load_backend
-from .stream_readers import StreamReader
 from .decode_pool import Failure, check_workers, decoded_in_order, usable_cores
+from .stream_readers import StreamReader
 
 ENCODER_BATCH = 64  # most frames per frame-encoder call
 MAX_OPEN_SOURCES = 64  # most files stream mode reads at once (fewer under a low open-files limit)
 READER_WAIT = 1.0  # seconds stream mode waits for its readers before it looks again (a reader wakes it sooner)
 READER_STOP_SECONDS = 2.0  # how long a finished or interrupted stream_many waits for its readers to end
-MAX_GRID_RATE = 1000.0  # grid frames per second, as cmdcl.model.config bounds a model's sampling (not imported: it loads torch)
 
 
 def max_open_sources() -> int:

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..artifacts import TOLERANCES
+from ..errors import first_line
+
 PROTOCOLS = ("http", "grpc")
 MODEL = "cmdcl"
 OUTPUTS = ("logits", "embedding", "top_labels", "top_scores")
-FP32_TOLERANCE = 1e-4  # DESIGN.md section 7: relative error of fp32 paths
 
 
 def _module(protocol: str):
@@ -106,7 +108,7 @@ class LoadReport:
 
 
 def load_test(url: str, protocol: str, inputs: list, expected: list, clients: int = 4, seconds: float = 5.0,
-              max_requests: int = 1000, model: str = MODEL, tolerance: float = FP32_TOLERANCE) -> LoadReport:
+              max_requests: int = 1000, model: str = MODEL, tolerance: float = TOLERANCES["fp32"]) -> LoadReport:
     """`clients` threads, each with its own connection, send clips from `inputs`
     (frames [F, H, W, 3] each; round robin) until `seconds` pass or `max_requests`
     were sent in all. A response whose logits differ from `expected[i]` (the offline
@@ -140,7 +142,7 @@ def load_test(url: str, protocol: str, inputs: list, expected: list, clients: in
                     if relative_error(logits, ref) > tolerance or logits.argmax() != ref.argmax():
                         problem = f"request {i}: logits differ from the offline result (rel err {relative_error(logits, ref):.2e})"
                 except Exception as exc:  # InferenceServerException, connection errors: counted, reported
-                    problem = f"request {i}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                    problem = f"request {i}: {type(exc).__name__}: {first_line(str(exc))}"
                     logits = None
                 elapsed_ms = (time.perf_counter() - started) * 1e3
                 with lock:

@@ -1,12 +1,12 @@
 """Serve a CMDCL runtime backend through PyTriton (the real Triton Inference Server,
 bundled in the nvidia-pytriton wheel, runs without a GPU).
 
-Three models, each with Triton's dynamic batching across requests:
+Three models, each with Triton's dynamic batching across requests, bound with
+the inputs and outputs of the graphs they run (`cmdcl.artifacts.graph_io`):
 
-    cmdcl          frames uint8 [B, F, H, W, 3] -> logits [B, C], embedding [B, D],
-                   top_labels bytes [B, K], top_scores [B, K]   (whole clips)
-    frame_encoder  frames uint8 [N, H, W, 3]    -> tokens [N, S, D]
-    head           tokens fp32 [B, F, S, D]     -> logits [B, C], embedding [B, D]
+    cmdcl          the full graph on whole clips, plus top_labels bytes [B, K], top_scores [B, K]
+    frame_encoder  the frame_encoder graph
+    head           the head graph
 
 Triton checks dtypes and shapes against these configs and answers a bad request
 with an error. It reads the batch dimension as 32 bits, though, so a request with
@@ -39,9 +39,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..artifacts import GraphRole
+from ..errors import CmdclError
 from ..runtime.backends import Backend
 
 DEFAULT_TOP_K = 5
+SERVED_GRAPHS: dict[str, GraphRole] = {"cmdcl": "full", "frame_encoder": "frame_encoder", "head": "head"}  # model -> graph
 
 
 @dataclass
@@ -65,11 +68,11 @@ class ServeConfig:
         return ports
 
 
-class RequestError(ValueError):
+class RequestError(CmdclError, ValueError):
     """A request the model cannot answer. PyTriton sends the message to the client."""
 
 
-class ServerDied(RuntimeError):
+class ServerDied(CmdclError, RuntimeError):
     """tritonserver (or a model's worker) stopped without being asked to."""
 
 
@@ -100,11 +103,12 @@ def check_ports(config: ServeConfig) -> None:
 
 
 def inputs(info) -> dict:
-    """model name -> (input name, dtype, shape without the batch axis)."""
-    f, size, s, d = info.num_frames, info.image_size, info.tokens_per_frame, info.width
-    return {"cmdcl": ("frames", np.uint8, (f, size, size, 3)),
-            "frame_encoder": ("frames", np.uint8, (size, size, 3)),
-            "head": ("tokens", np.float32, (f, s, d))}
+    """model name -> (input name, dtype, shape without the batch axis): its graph's one input."""
+    specs = {}
+    for model, role in SERVED_GRAPHS.items():
+        ((name, (dtype, shape)),) = info.io(role)[0].items()
+        specs[model] = (name, np.dtype(dtype).type, tuple(shape[1:]))
+    return specs
 
 
 def model_functions(backend: Backend, top_k: int = DEFAULT_TOP_K, max_batch: int = 8) -> dict:
@@ -114,7 +118,7 @@ def model_functions(backend: Backend, top_k: int = DEFAULT_TOP_K, max_batch: int
     k = min(top_k, len(classes))
 
     def clips(frames):
-        outputs = backend.infer("model", {"frames": frames})
+        outputs = backend.infer("full", {"frames": frames})
         probabilities = backend.probabilities(outputs["logits"])
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return {**outputs, "top_labels": classes[order],
@@ -160,13 +164,10 @@ def bind_models(triton, backend: Backend, config: ServeConfig) -> list[str]:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 
     info = backend.info
-    s, d, c = info.tokens_per_frame, info.width, len(info.classes)
-    k = min(config.top_k, c)
-    heads = [Tensor(name="logits", dtype=np.float32, shape=(c,)), Tensor(name="embedding", dtype=np.float32, shape=(d,))]
-    outputs = {"cmdcl": heads + [Tensor(name="top_labels", dtype=bytes, shape=(k,)),
-                                 Tensor(name="top_scores", dtype=np.float32, shape=(k,))],
-               "frame_encoder": [Tensor(name="tokens", dtype=np.float32, shape=(s, d))],
-               "head": heads}
+    k = min(config.top_k, len(info.classes))
+    outputs = {model: [Tensor(name=name, dtype=np.dtype(dtype).type, shape=tuple(shape[1:]))
+                       for name, (dtype, shape) in info.io(role)[1].items()] for model, role in SERVED_GRAPHS.items()}
+    outputs["cmdcl"] += [Tensor(name="top_labels", dtype=bytes, shape=(k,)), Tensor(name="top_scores", dtype=np.float32, shape=(k,))]
     model_config = ModelConfig(max_batch_size=config.max_batch,
                                batcher=DynamicBatcher(max_queue_delay_microseconds=config.queue_delay_us))
     specs = inputs(info)

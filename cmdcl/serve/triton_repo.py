@@ -13,9 +13,10 @@ batching. `cmdcl` and `cmdcl_stream` are Python-backend models (the file
 `triton_bls.py` of this package, copied) that call the two over BLS, so
 frames of all clips and all cameras share frame-encoder batches.
 
-Configs are written as protobuf text; `validate_triton_repo` parses them with
-the `ModelConfig` schema that tritonclient ships and checks every tensor
-against the model files.
+Every tensor is a graph's (`cmdcl.artifacts.graph_io`; the batch axis is the
+config's max_batch_size). Configs are written as protobuf text;
+`validate_triton_repo` parses them with the `ModelConfig` schema that
+tritonclient ships and checks every tensor against the model files.
 
 Writing never touches what is not ours: the four model directories are
 written in a temporary directory next to the repository and then swapped in,
@@ -33,8 +34,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..export.metadata import ModelFileError, check_same_export, graph_interface, read_metadata
-from ..export.tensorrt_build import sidecar_path, split_pairs
+from .. import artifacts
+from ..artifacts import SPLIT_ROLES, graph_io, graph_path, read_sidecar, sidecar_path
+from ..errors import CmdclError
+from ..export.metadata import ModelFileError, check_same_export, read_metadata
 from ..output_files import temporary_dir
 
 ENGINE_FORMATS = ("onnx", "plan")
@@ -43,13 +46,14 @@ LABELS_FILE = "labels.txt"
 CLIP_MODEL, STREAM_MODEL = "cmdcl", "cmdcl_stream"
 MODEL_FILES = {"onnx": "model.onnx", "plan": "model.plan"}
 PLATFORMS = {"onnx": ("onnxruntime", "onnxruntime_onnx"), "plan": ("tensorrt", "tensorrt_plan")}
+TRITON_TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32"}  # artifacts.graph_io's dtypes in a config
 BLS_SOURCE = Path(__file__).with_name("triton_bls.py")
 SEQUENCE_IDLE_US = 60_000_000  # a camera silent for a minute loses its window
 MODEL_NAMES = ("frame_encoder", "head", CLIP_MODEL, STREAM_MODEL)
 MARKER = "# written by cmdcl-export"  # first line of our config.pbtxt files: only such model directories are replaced
 
 
-class TritonRepoError(ValueError):
+class TritonRepoError(CmdclError, ValueError):
     """A repository that cannot be written or does not validate; one line naming the file."""
 
 
@@ -80,8 +84,8 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
     meta = _read(model_onnx)
     sources = _engine_files(model_onnx, engine_format, engine, max_batch, max_frames)
     check_triton_repo(repo, [("the model", model_onnx), *[(f"the {name} model", path) for name, path in sources.items()]])
-    f, size, s, d = meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"]
-    stride = stride_frames or int(meta["sampling"].get("stride_frames", max(1, f // 2)))
+    f = meta["num_frames"]
+    stride = stride_frames or artifacts.stride_frames(meta["sampling"], f)
     if stride < 1:
         raise TritonRepoError(f"stride frames must be >= 1, not {stride}")
     labels = "".join(f"{name}\n" for name in meta["classes"])
@@ -91,31 +95,31 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
     kind = "KIND_GPU" if engine_format == "plan" else INSTANCE_KINDS[instance_kind]
     backend, platform = PLATFORMS[engine_format]
     batching = {"max_queue_delay_microseconds": queue_delay_us}
-    frames_in = [_tensor("frames", "TYPE_UINT8", [size, size, 3])]
-    heads_out = [_tensor("logits", "TYPE_FP32", [len(meta["classes"])], label_filename=LABELS_FILE),
-                 _tensor("embedding", "TYPE_FP32", [d])]
+    frames_in, tokens_out = _io_tensors("frame_encoder", meta)
+    tokens_in, heads_out = _io_tensors("head", meta)
+    clips_in, _ = _io_tensors("full", meta)
     bls_parameters = _parameters(num_frames=f, frame_encoder_max_batch=max_frames, head_max_batch=max_batch,
                                  stride_frames=stride, sequence_idle_us=SEQUENCE_IDLE_US)
     configs = {
         "frame_encoder": {
             "name": "frame_encoder", "backend": backend, "platform": platform, "max_batch_size": max_frames,
-            "input": frames_in, "output": [_tensor("tokens", "TYPE_FP32", [s, d])],
+            "input": frames_in, "output": tokens_out,
             "dynamic_batching": batching, "instance_group": [{"count": instance_count, "kind": _Enum(kind)}],
         },
         "head": {
             "name": "head", "backend": backend, "platform": platform, "max_batch_size": max_batch,
-            "input": [_tensor("tokens", "TYPE_FP32", [f, s, d])], "output": heads_out,
+            "input": tokens_in, "output": heads_out,
             "dynamic_batching": batching, "instance_group": [{"count": instance_count, "kind": _Enum(kind)}],
         },
         CLIP_MODEL: {
             "name": CLIP_MODEL, "backend": "python", "max_batch_size": max_batch,
-            "input": [_tensor("frames", "TYPE_UINT8", [f, size, size, 3])], "output": heads_out,
+            "input": clips_in, "output": heads_out,
             "dynamic_batching": batching, "instance_group": [{"count": 1, "kind": _Enum("KIND_CPU")}],
             "parameters": bls_parameters,
         },
         STREAM_MODEL: {
             "name": STREAM_MODEL, "backend": "python", "max_batch_size": max_batch,
-            "input": [_tensor("frame", "TYPE_UINT8", [size, size, 3])],
+            "input": [{**frames_in[0], "name": "frame"}],  # one frame encoder input per request
             "output": [heads_out[0], _tensor("window", "TYPE_INT32", [1])],
             "sequence_batching": {
                 "max_sequence_idle_microseconds": SEQUENCE_IDLE_US,
@@ -212,7 +216,7 @@ def _read(path: Path) -> dict:
 
 def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
     """frame_encoder / head model files to copy into the repository, checked."""
-    onnx_parts = {role: model_onnx.with_name(f"{model_onnx.stem}.{role}.onnx") for role in ("frame_encoder", "head")}
+    onnx_parts = {role: graph_path(model_onnx, role) for role in SPLIT_ROLES}
     model_meta = _read(model_onnx)
     for role, path in onnx_parts.items():
         if not path.is_file():
@@ -226,15 +230,15 @@ def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, 
     if engine is None:
         raise TritonRepoError("--engine-format plan needs the TensorRT engine (--engine model.plan)")
     plans = {}
-    for onnx_path, plan in split_pairs(model_onnx, engine)[1:]:
-        role = onnx_path.stem.rsplit(".", 1)[-1]
-        try:
-            profile = json.loads(sidecar_path(plan).read_text())["batch_profile"]["max"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise TritonRepoError(f"{sidecar_path(plan)}: cannot read the engine's sidecar ({exc}); build with cmdcl-build") from None
-        wanted = max_frames if role == "frame_encoder" else max_batch
+    for role in SPLIT_ROLES:
+        plan = graph_path(engine, role)
         if not plan.is_file():
             raise TritonRepoError(f"{plan}: no such file (cmdcl-build writes it next to {Path(engine).name})")
+        try:
+            profile = read_sidecar(plan)["batch_profile"]["max"]
+        except ModelFileError as exc:
+            raise TritonRepoError(str(exc)) from None
+        wanted = max_frames if role == "frame_encoder" else max_batch
         if wanted > profile:
             raise TritonRepoError(f"{plan}: its optimisation profile allows batch {profile}, the repository asks for "
                                   f"{wanted}; rebuild with --max-batch {wanted} or lower the repository's batch")
@@ -244,6 +248,15 @@ def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, 
 
 def _tensor(name: str, dtype: str, dims: list, **extra) -> dict:
     return {"name": name, "data_type": _Enum(dtype), "dims": dims, **extra}
+
+
+def _io_tensors(role: str, meta: dict) -> tuple[list, list]:
+    """The config tensors of a graph's inputs and outputs (`artifacts.graph_io` less the batch axis, which is the
+    config's max_batch_size); logits carry the labels file."""
+    return tuple([_tensor(name, TRITON_TYPES[dtype], shape[1:], **({"label_filename": LABELS_FILE} if name == "logits" else {}))
+                  for name, (dtype, shape) in tensors.items()]
+                 for tensors in graph_io(role, meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"],
+                                         len(meta["classes"])))
 
 
 def _control(name: str, kind: str) -> dict:
@@ -349,22 +362,17 @@ def _check_config(path: Path, config, pb) -> dict:
 
 def _check_tensors(path: Path, model_file: Path, fmt: str, role: str, inputs: dict, outputs: dict) -> None:
     """The config's tensors are the model file's, batch axis aside."""
-    import onnx
-
     if fmt == "onnx":
         meta = _read(model_file)
     else:
         try:
-            meta = json.loads(sidecar_path(model_file).read_text())["metadata"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise TritonRepoError(f"{sidecar_path(model_file)}: cannot read the engine's sidecar ({exc})") from None
+            meta = read_sidecar(model_file)["metadata"]
+        except ModelFileError as exc:
+            raise TritonRepoError(str(exc)) from None
     if meta["graph_role"] != role:
         raise TritonRepoError(f"{model_file}: is a {meta['graph_role']} graph, the config says {role}")
-    expected = graph_interface(role, meta["num_frames"], meta["image_size"], meta["tokens_per_frame"], meta["width"],
-                               len(meta["classes"]))
-    for kind, found, wanted in (("input", inputs, expected[0]), ("output", outputs, expected[1])):
-        want = {name: ["TYPE_" + {"UINT8": "UINT8", "FLOAT": "FP32"}[onnx.TensorProto.DataType.Name(elem)], shape[1:]]
-                for name, (elem, shape) in wanted.items()}
+    for kind, found, tensors in zip(("input", "output"), (inputs, outputs), _io_tensors(role, meta)):
+        want = {t["name"]: [t["data_type"], t["dims"]] for t in tensors}
         if found != want:
             raise TritonRepoError(f"{path}: {kind}s {found} do not match {model_file.name}'s {want}")
     labels = (path.parent / LABELS_FILE)

