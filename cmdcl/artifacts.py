@@ -1,4 +1,4 @@
-"""The artifact contract: what cmdcl-export and cmdcl-build write and what every reader expects (docs/design.md).
+"""The artifact contract: what cmdcl-export and cmdcl-build write and what every reader expects (docs/design.md section 4).
 
 One export is up to three graphs, each named by its role:
 

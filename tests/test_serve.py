@@ -2,7 +2,7 @@
 
 One server per module, started from the serving venv on free loopback ports and
 stopped by its own process group at the end. Answers are compared with the
-offline runtime (ONNX Runtime on the same files) at docs/design.md's fp32 tolerance.
+offline runtime (ONNX Runtime on the same files) at the fp32 tolerance of docs/design.md section 7.
 """
 
 import importlib.util

@@ -1,4 +1,4 @@
-"""CMDCL -> ONNX (docs/design.md section 4).
+"""CMDCL -> ONNX (docs/design.md sections 4.3 and 4.4).
 
 Three graphs (the roles full, frame_encoder and head of `cmdcl.artifacts`,
 with the inputs and outputs `artifacts.graph_io` gives), each a thin nn.Module

@@ -1,4 +1,4 @@
-"""Build TensorRT engines from exported CMDCL ONNX files (docs/design.md section 4).
+"""Build TensorRT engines from exported CMDCL ONNX files (docs/design.md section 4.5).
 
 `build_engine` registers the `cmdcl::CausalIntervention` plugin first (so
 TensorRT's parser runs the fused Triton kernel instead of inlining the

@@ -1,4 +1,4 @@
-"""CMDCL checkpoints: a dict of plain types and tensors (docs/design.md section 4).
+"""CMDCL checkpoints: a dict of plain types and tensors (docs/design.md section 4.2).
 
     {"format": "cmdcl-checkpoint", "format_version": 1, "toolkit_version": str,
      "config": dict, "class_names": [str], "state_dict": {name: tensor},
