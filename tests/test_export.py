@@ -15,6 +15,7 @@ from cmdcl.export.precision import convert_precision
 from cmdcl.export.verify import TOLERANCES, VerificationError, compare, onnx_session, relative_error, run_split, verify_export
 from cmdcl.kernels.onnx_node import DOMAIN, OP_TYPE, intervention_function
 from cmdcl.kernels.reference import causal_intervention_reference
+from cmdcl.runtime import load_backend
 from conftest import random_frames, skew_priors
 
 # name -> (num_classes, config overrides). Sizes are chosen distinct (C=3, Kb=7,
@@ -220,6 +221,15 @@ def test_sampling_from_checkpoint_extra_is_recorded(make_model, tmp_path):
     assert set(paths) == {"full"} and not (tmp_path / "m.head.onnx").exists()
     sampling = read_metadata(paths["full"])["sampling"]
     assert sampling["stream_fps"] == 2.0 and sampling["window_seconds"] == 2.0
+
+
+def test_a_recorded_stream_fps_alone_sets_the_window_the_runtime_uses(make_model, tmp_path):
+    model = make_model()  # F = 4 frames
+    model.checkpoint_extra = {"sampling": {"stream_fps": 2.0}}
+    path = export_onnx(model, tmp_path / "m.onnx", split=False)["full"]
+    sampling = read_metadata(path)["sampling"]
+    assert sampling["stream_fps"] == 2.0 and sampling["window_seconds"] == model.cfg.num_frames / 2.0  # was F / 1 s
+    assert load_backend(path).info.window_seconds == model.cfg.num_frames / 2.0
 
 
 def _remove_node(proto):

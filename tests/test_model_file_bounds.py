@@ -217,7 +217,7 @@ def test_checkpoint_nested_too_deeply_is_one_line(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("sampling, expected", [
-    ({"stream_fps": 0}, "stream_fps 0 is not a number in [0.001, 1000]"),
+    ({"stream_fps": 0}, "stream_fps 0 is not a number in [1e-05, 1000]"),
     ({"window_seconds": 1e-9}, "window_seconds 1e-09 is not a number in [0.01, 86400]"),
     ({"window_seconds": float("nan")}, "window_seconds nan"),
     ({"stride_frames": "2"}, "stride_frames '2' is not an integer"),
@@ -324,7 +324,7 @@ def test_export_metadata_numbers_are_bounded(exports, tmp_path):
     meta = read_metadata(a["full"])
     sampling, config = meta["sampling"], meta["config"]
     cases = [
-        ({"sampling": {**sampling, "stream_fps": 0}}, "metadata sampling stream_fps 0 is not a number in [0.001, 1000]"),
+        ({"sampling": {**sampling, "stream_fps": 0}}, "metadata sampling stream_fps 0 is not a number in [1e-05, 1000]"),
         ({"sampling": {**sampling, "window_seconds": 1e-9}}, "window_seconds 1e-09"),
         ({"sampling": {**sampling, "stride_frames": -1}}, "stride_frames -1"),
         ({"sampling": "NaN"}, "'sampling' must be an object"),

@@ -119,6 +119,8 @@ def test_cli_train_then_eval_json(synth, tmp_path):
     result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and load_checkpoint(out).checkpoint_extra["command"].startswith("cmdcl-train")
+    window = load_checkpoint(out).checkpoint_extra["sampling"]["window_seconds"]
+    assert f"stream mode: windows of 4 frames in {window:g} s (median duration of 28 training videos), recorded in {out}" in result.output
     assert any((tmp_path / "cache").glob("features-*.pt")) and any((tmp_path / "cache").glob("clips-*.pt"))
     result = CliRunner().invoke(eval_cli, ["--ckpt", str(out), "--data", str(synth["test"]), "--json", str(metrics)])
     assert result.exit_code == 0, result.output

@@ -66,6 +66,10 @@ def main(preset_name, val_data, debug, **options):
     if extra["history"]:
         last = extra["history"][-1]
         click.echo(f"epoch {last['epoch']}: loss {last['loss']:.4f}, train accuracy {last['accuracy']:.3f}")
+    if "sampling" in extra:
+        sampling = extra["sampling"]
+        click.echo(f"stream mode: windows of {sampling['num_frames']} frames in {sampling['window_seconds']:g} s "
+                   f"({sampling['source']}), recorded in {opts.out}")
     if "val" in extra["metrics"]:
         from cmdcl.train.metrics import format_report
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 
 from .. import __version__
-from ..artifacts import GRAPH_ROLES, GraphRole, default_sampling, graph_io
+from ..artifacts import GRAPH_ROLES, GraphRole, default_sampling, graph_io, window_seconds
 from ..errors import CmdclError, first_line
 from ..kernels.onnx_node import DOMAIN, OP_TYPE, OP_VERSION
 from ..model.config import CMDCLConfig, class_name_problem, sampling_problem
@@ -47,11 +47,12 @@ class ModelFileError(CmdclError, ValueError):
 
 
 def sampling_defaults(model) -> dict:
-    """How the runtime samples frames for this model; a checkpoint's extra["sampling"] overrides."""
-    sampling = default_sampling(model.cfg.num_frames)
-    extra = getattr(model, "checkpoint_extra", None) or {}
-    sampling.update(extra.get("sampling", {}))
-    return sampling
+    """How the runtime samples frames for this model: a checkpoint's extra["sampling"] overrides the defaults, and a
+    window it does not record follows the stream_fps it does (F frames at that rate), as the runtime reads it."""
+    f = model.cfg.num_frames
+    recorded = (getattr(model, "checkpoint_extra", None) or {}).get("sampling", {})
+    window = window_seconds(recorded, f)
+    return {**default_sampling(f), "window_seconds": window, "stream_fps": f / window, **recorded}
 
 
 def build_metadata(model, role: GraphRole, precision: str, opset: int, weights: str) -> dict[str, str]:

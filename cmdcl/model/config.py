@@ -1,6 +1,6 @@
 """Configuration of a CMDCL model, as plain dataclasses.
 
-Every choice docs/design.md marks as a reconstruction (pooling, token grid, depth,
+Every choice docs/design.md section 2.9 lists as a reconstruction (pooling, token grid, depth,
 dictionary sizes, use of priors, the two interventions) is a field here, so
 ablations are a config change and the config round-trips through checkpoints
 as a plain dict.
@@ -31,8 +31,11 @@ LIMITS = {
 MAX_GRID = 64  # patches per side of a frame (1024 px / 16): the vision tower attends over grid^2 + 1 tokens
 MAX_BUFFER_BYTES = 2**30  # one clip's frames (F x size x size x 3 bytes), and its tokens (F x S x D x 4 bytes)
 MAX_CLASSES, MAX_CLASS_NAME = 100_000, 1000  # class names: how many, and characters in one
-# Stream-mode sampling (a checkpoint's extra["sampling"], an export's metadata): field -> (min, max).
-SAMPLING_LIMITS = {"stream_fps": (1e-3, 1000.0), "window_seconds": (0.01, 86400.0), "stride_frames": (1, 4096)}
+# Stream-mode sampling (a checkpoint's extra["sampling"], an export's metadata): field -> (min, max). A window may span
+# up to a day (one frame of a day-long window: stream_fps 1 / 86400); clip_seconds is the training clips' span it came from.
+SAMPLING_LIMITS = {"stream_fps": (1e-5, 1000.0), "window_seconds": (0.01, 86400.0), "stride_frames": (1, 4096),
+                   "clip_seconds": (0.01, 86400.0)}
+MAX_SAMPLING_SOURCE = 200  # characters of sampling "source": where the values came from, in words
 
 
 @dataclass
@@ -214,8 +217,9 @@ def class_name_problem(names) -> str | None:
 
 
 def sampling_problem(sampling, num_frames: int) -> str | None:
-    """Why `sampling` (stream-mode settings: stream_fps, window_seconds, stride_frames, num_frames)
-    cannot be used for a model of `num_frames` frames (None when it can); fields may be absent."""
+    """Why `sampling` (stream-mode settings: stream_fps, window_seconds, stride_frames, num_frames, and what cmdcl-train
+    records them from: clip_seconds, source) cannot be used for a model of `num_frames` frames (None when it can);
+    fields may be absent."""
     if not isinstance(sampling, dict):
         return "sampling must be an object"
     if "num_frames" in sampling and (type(sampling["num_frames"]) is not int or sampling["num_frames"] != num_frames):
@@ -227,6 +231,9 @@ def sampling_problem(sampling, num_frames: int) -> str | None:
         number = int if isinstance(low, int) else (int, float)
         if not isinstance(value, number) or isinstance(value, bool) or not low <= value <= high:
             return f"sampling {key} {value!r:.40} is not {'an integer' if number is int else 'a number'} in [{low:g}, {high:g}]"
+    source = sampling.get("source", "")
+    if not isinstance(source, str) or len(source) > MAX_SAMPLING_SOURCE:
+        return f"sampling source {source!r:.40} is not a string of at most {MAX_SAMPLING_SOURCE} characters"
     if "window_seconds" in sampling and num_frames / sampling["window_seconds"] > MAX_GRID_RATE:
         return (f"sampling takes {num_frames} frames in {sampling['window_seconds']:g} s, more than {MAX_GRID_RATE:g} frames "
                 f"per second")

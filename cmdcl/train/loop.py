@@ -15,7 +15,9 @@ bitwise repeatable on CPU and `resume` continues exactly where the last
 completed epoch left off (a resume file that does not fit the run's options,
 model or schedule is refused, never loaded as is). Under `torchrun` (WORLD_SIZE > 1) it runs
 DistributedDataParallel (NCCL on GPU, gloo on CPU), each process taking its
-share of every global batch.
+share of every global batch. The checkpoint records the stream sampling that
+matches training (`training_sampling`): F stream frames span the median
+training video, as F training frames spanned a training video.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ import dataclasses
 import hashlib
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..artifacts import MAX_GRID_RATE
 from ..data.datasets import load_dataset
 from ..data.manifest import ManifestError, VideoDataset, VideoEntry
 from ..errors import CmdclError, describe, first_line
 from ..model import CMDCL, CMDCLConfig, load_clip, preset, save_checkpoint
+from ..model.config import SAMPLING_LIMITS
 from ..output_files import atomic_write, check_outputs
 from .dictionaries import build_dictionaries, extract_features
 from .metrics import classification_report
@@ -190,6 +195,46 @@ def epoch_sampling(seed: int, epoch: int, num_videos: int, num_frames: int, cand
     order = torch.randperm(num_videos, generator=generator)
     picks = torch.randint(0, candidates, (num_videos, num_frames), generator=generator)
     return order, torch.arange(num_frames) * candidates + picks
+
+
+def declared_seconds(path) -> float | None:
+    """A video's duration as its header declares it, read without decoding a frame; None when it declares
+    none (or an absurd one) or cannot be opened (decoding reports that video)."""
+    from ..data.video import VideoError, declared_duration, open_video
+
+    try:
+        container, stream = open_video(path)
+    except VideoError:
+        return None
+    with container:
+        seconds = declared_duration(container, stream)
+    return seconds if seconds is not None and math.isfinite(seconds) and seconds > 0 else None
+
+
+def training_sampling(dataset: VideoDataset, num_frames: int, warn) -> dict | None:
+    """The stream sampling that matches training: F grid frames over the median duration D of the training videos
+    (a training clip spreads F frames over its whole video), a window every F // 2 frames. Videos that declare no
+    duration are left out; with none left, None. A median outside what a model may record (SAMPLING_LIMITS, at most
+    MAX_GRID_RATE frames per second) is clamped into it. `warn` takes each warning line."""
+    durations = [seconds for seconds in map(declared_seconds, (e.path for e in dataset.entries)) if seconds is not None]
+    unknown = len(dataset.entries) - len(durations)
+    if not durations:
+        warn(f"{dataset.source}: none of its {unknown} videos declares its duration: no stream sampling recorded "
+             f"(stream mode will use the defaults)")
+        return None
+    if unknown:
+        warn(f"{dataset.source}: {unknown} of its {len(dataset.entries)} videos declare no duration; "
+             f"the stream sampling is the median of the other {len(durations)}")
+    median = statistics.median(durations)
+    low, high = SAMPLING_LIMITS["window_seconds"]
+    seconds = min(max(median, low, num_frames / MAX_GRID_RATE), high)
+    source = f"median duration of {len(durations)} training videos"
+    if seconds != median:
+        source += f" ({median:.4g} s, clamped)"
+        warn(f"{dataset.source}: the training videos' median duration {median:.4g} s is outside what a stream window of "
+             f"{num_frames} frames may span; recording {seconds:g} s")
+    return {"num_frames": num_frames, "video": "uniform", "window_seconds": seconds, "stream_fps": num_frames / seconds,
+            "stride_frames": max(1, num_frames // 2), "clip_seconds": seconds, "source": source}
 
 
 # ---- model ---------------------------------------------------------------------------------
@@ -430,6 +475,9 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     # With candidates == 0 these centred clips only feed the dictionaries, which only a fresh main process builds.
     clips = decode_clips(dataset, num_frames * max(candidates, 1), size, opts.cache_dir, show) if candidates or fresh else None
     targets = dataset.targets(cfg.multi_label)
+    sampling = None  # the stream sampling the checkpoint records: only the main process writes it
+    if main_process:
+        sampling = training_sampling(dataset, num_frames, lambda line: tqdm.write(f"warning: {line}", file=sys.stderr))
 
     model.to(device)
     if fresh:
@@ -481,7 +529,7 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
             dist.all_reduce(totals)
         history.append({"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(), "accuracy": totals[1].item() / totals[2].item()})
         if main_process:
-            extra = _extra(opts, command, method, history, dataset)
+            extra = _extra(opts, command, method, history, dataset, sampling)
             save_checkpoint(model, out, extra)
             _atomic_save(
                 {
@@ -497,7 +545,7 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
                 resume_path,
             )
 
-    model.checkpoint_extra = _extra(opts, command, method, history, dataset)
+    model.checkpoint_extra = _extra(opts, command, method, history, dataset, sampling)
     if val is not None and end_epoch == opts.epochs:
         report = evaluate(model, val, cache_dir=opts.cache_dir, device=device, progress=show)
         model.checkpoint_extra["metrics"]["val"] = report
@@ -509,8 +557,8 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
     return model.eval()
 
 
-def _extra(opts: TrainOptions, command: str, method: str, history: list, dataset: VideoDataset, metrics: dict | None = None) -> dict:
-    return {
+def _extra(opts: TrainOptions, command: str, method: str, history: list, dataset: VideoDataset, sampling: dict | None) -> dict:
+    extra = {
         "command": command,
         "options": dataclasses.asdict(opts),
         "text_init": method,
@@ -519,8 +567,11 @@ def _extra(opts: TrainOptions, command: str, method: str, history: list, dataset
         "train_data": dataset.source,
         "train_videos": len(dataset.entries),
         "history": history,
-        "metrics": metrics or {},
+        "metrics": {},
     }
+    if sampling is not None:
+        extra["sampling"] = sampling
+    return extra
 
 
 # ---- evaluation ----------------------------------------------------------------------------
