@@ -10,13 +10,14 @@ One export is up to three graphs, each named by its role:
 PyTriton bindings and the Triton repository's configs are derived from it), `graph_path` the
 file names of the split graphs and engines beside the model, `sidecar_path` / `read_sidecar`
 a TensorRT engine's JSON sidecar, and `default_sampling` how stream mode samples a model
-that records no sampling of its own. No torch, numpy or onnx here: export, runtime, serve,
+that records no sampling of its own. No torch or onnx here (numpy only inside relative_error): export, runtime, serve,
 bench and cli all import it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -27,11 +28,21 @@ SPLIT_ROLES: tuple[GraphRole, ...] = ("frame_encoder", "head")  # stream mode's 
 # Stream mode, when a model records no sampling: one grid frame per second, windows overlapping by half.
 DEFAULT_STREAM_FPS = 1.0
 MAX_GRID_RATE = 1000.0  # grid frames per second (num_frames / window_seconds) a model's sampling may ask for
+MAX_SCALES = 8  # most window lengths one stream mode run takes
+MAX_RING_FRAMES = 4096  # most grid frames the ring buffer keeps: the longest window at the shortest one's grid
 
 
 # How far an exported, compiled or fused path may be from the PyTorch reference: relative L2 error
 # ||out - ref|| / ||ref|| of logits and embeddings, by precision (docs/design.md section 7).
 TOLERANCES = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 2e-2}
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| over the whole arrays, in float64: what TOLERANCES bound."""
+    import numpy as np
+
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def graph_io(role: GraphRole, num_frames: int, image_size: int, tokens_per_frame: int, width: int,
@@ -94,3 +105,41 @@ def window_seconds(sampling: dict, num_frames: int) -> float:
 def stride_frames(sampling: dict, num_frames: int) -> int:
     """A recorded sampling's step between windows, in grid frames; an absent field takes its default."""
     return int(sampling.get("stride_frames", default_sampling(num_frames)["stride_frames"]))
+
+
+def window_scales(window, num_frames: int) -> tuple[float, ...]:
+    """Stream mode's windows (seconds) from one number or several: de-duplicated, ascending, and checked, since a
+    grid of F / W_1 frames per second and a ring of W_n / W_1 * F grid frames must stay bounded. ValueError says why not."""
+    values = list(window) if isinstance(window, (list, tuple)) else [window]
+    try:
+        scales = tuple(sorted({float(value) for value in values}))
+    except (TypeError, ValueError):
+        raise ValueError(f"window: {values!r:.80} is not a number of seconds or a list of them") from None
+    if not 1 <= len(scales) <= MAX_SCALES:
+        raise ValueError(f"window: give 1 to {MAX_SCALES} different window lengths, not {len(scales)}")
+    if not all(math.isfinite(scale) and scale > 0 for scale in scales):
+        raise ValueError(f"window: every window must be a positive number of seconds, got {', '.join(f'{s:g}' for s in scales)}")
+    if num_frames / scales[0] > MAX_GRID_RATE:
+        raise ValueError(f"window {scales[0]:g} s is too short for {num_frames} frames: at most {MAX_GRID_RATE:g} "
+                         f"grid frames per second (a window of at least {num_frames / MAX_GRID_RATE:g} s)")
+    if scales[-1] / scales[0] * num_frames > MAX_RING_FRAMES:
+        raise ValueError(f"window: {scales[-1]:g} s at the grid of the {scales[0]:g} s window ({num_frames} frames) is "
+                         f"{scales[-1] / scales[0] * num_frames:.0f} grid frames; at most {MAX_RING_FRAMES} (a longest window of at most "
+                         f"{MAX_RING_FRAMES / num_frames * scales[0]:g} s)")
+    return scales
+
+
+def window_positions(num_frames: int, span: int) -> list[int]:
+    """The positions (0 = oldest) of the F tokens a window takes from its last `span` grid frames: the centre of each
+    of F equal segments, floor((j + 0.5) * span / F). With span == F every frame once; with fewer frames (a part
+    shorter than a window) some repeat. cmdcl/serve/triton_bls.py mirrors this rule (it runs inside Triton without cmdcl
+    installed); a test pins both to the same values."""
+    return [(2 * j + 1) * span // (2 * num_frames) for j in range(num_frames)]
+
+def stream_grid(num_frames: int, scales: tuple[float, ...], stride_seconds: float) -> tuple[float, tuple[int, ...], int]:
+    """Stream mode's grid for `window_scales(...)` and a stride in seconds: (grid frames per second, the grid frames
+    each scale's window spans (the ring keeps the longest), the stride in grid frames). The shortest window's F
+    frames set the grid; cmdcl-run and the Triton repository's cmdcl_stream model both take it from here."""
+    grid_rate = num_frames / scales[0]
+    spans = tuple(round(num_frames * scale / scales[0]) for scale in scales)
+    return grid_rate, spans, max(1, round(stride_seconds * grid_rate))

@@ -102,12 +102,18 @@ def test_comparisons_are_the_ratios_of_p50_in_a_fixed_order():
                                                                                   pipeline_efficiency=0.9)]
         records += [_record(backend, f"stream_grid_{decode}_gop{gop}s", ms * scale)
                     for gop in (2, 1) for decode, ms in (("all", 60.0 * gop), ("keyframes", 20.0))]
+        records += [_record(backend, stage, ms * scale) for stage, ms in (("stream_scales_1", 50.0), ("stream_scales_3", 60.0),
+                                                                          ("stream_scales_1_model", 8.0), ("stream_scales_2_model", 10.0))]
     got = [(c["comparison"], c.get("stage") or c.get("backend"), c["speedup"], c.get("efficiency")) for c in comparisons(records)]
     assert got == [
         *[("ort vs torch", stage, 2.0, None) for stage in ("clip", "stream_update_model", "end_to_end_serial", "end_to_end_parallel",
                                                            "stream_grid_all_gop2s", "stream_grid_keyframes_gop2s",
-                                                           "stream_grid_all_gop1s", "stream_grid_keyframes_gop1s")],
+                                                           "stream_grid_all_gop1s", "stream_grid_keyframes_gop1s",
+                                                           "stream_scales_1", "stream_scales_3", "stream_scales_1_model",
+                                                           "stream_scales_2_model")],
         ("stream update (token cache) vs whole clip", "torch", 4.0, None), ("stream update (token cache) vs whole clip", "ort", 4.0, None),
+        *[(f"1 vs {n} window scales (stream step, {where})", backend, ratio, None) for backend in ("torch", "ort")
+          for n, where, ratio in ((3, "wall, incl. decoding", 1.2), (2, "time in the model", 1.25))],  # 60 / 50, 10 / 8
         ("N decoding workers vs 1 (end to end)", "torch", 4.0, 0.9), ("N decoding workers vs 1 (end to end)", "ort", 4.0, 0.9),
         ("seek vs sequential (long video)", "long_video", 3.0, None),
         *[(f"keyframe grid vs full decoding (streams per core, GOP {gop} s)", backend, 3.0 * gop, None)
@@ -196,13 +202,15 @@ def test_cli_tiny_run_writes_json_and_plot(tmp_path, monkeypatch):
     for stage in ("decode_video", "decode_stream", "preprocess", "long_video_seek", "long_video_sequential"):
         assert ("pyav", stage, 1) in measured
     for backend in ("torch", "ort"):
-        for stage in ("frame_encoder", "head", "clip", "end_to_end", "stream_update", "stream_update_model"):
+        for stage in ("frame_encoder", "head", "clip", "end_to_end", "stream_update", "stream_update_model",
+                      *[f"stream_scales_{n}{part}" for n in (1, 2, 3) for part in ("", "_model")]):
             for batch in (1, 2):
                 assert (backend, stage, batch) in measured
     assert ("torch", "intervention", 2) in measured
     assert [s["stage"] for s in report["skipped"]] == ["intervention"]  # ONNX Runtime: inside the graph only
     names = {c["comparison"] for c in report["comparisons"]}
-    assert {"ort vs torch", "stream update (token cache) vs whole clip", "seek vs sequential (long video)"} <= names
+    assert {"ort vs torch", "stream update (token cache) vs whole clip", "seek vs sequential (long video)",
+            "1 vs 3 window scales (stream step, time in the model)"} <= names
     assert all(c["speedup"] > 0 for c in report["comparisons"])
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["threads"] == 2 and machine["cpu"] and "torch" in machine["versions"]

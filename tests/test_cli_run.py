@@ -37,7 +37,7 @@ def test_jsonl_schema_stream_mode(tiny_checkpoint, videos, tmp_path):  # noqa: F
     summaries = [r for r in records if r.get("summary")]
     assert sorted(s["video"] for s in summaries) == sorted(str(v) for v in videos[:2])  # sources are read in parallel
     for r in windows:
-        assert set(r) == {"video", "start", "end", "top", "window", "decode", "dropped", "latency_s"}
+        assert set(r) == {"video", "start", "end", "scale", "top", "window", "decode", "dropped", "latency_s"} and r["scale"] == 2.0
         assert 0 <= r["start"] < r["end"] and r["end"] - r["start"] == pytest.approx(2.0)
         assert len(r["top"]) == 2
         check_top(r["top"])
@@ -67,7 +67,7 @@ def test_bad_inputs_do_not_stop_the_run(tiny_checkpoint, videos, tmp_path):  # n
         bad[kind] = (make(tmp_path / kind), reason)
     for mode in ("video", "stream"):
         inputs = [videos[0], *[path for path, _ in bad.values()], videos[1]]
-        result = run([*inputs, "--engine", tiny_checkpoint, "--mode", mode, "-o", tmp_path / f"{mode}.jsonl"])
+        result = run([*inputs, "--engine", tiny_checkpoint, "--mode", mode, "-o", tmp_path / f"{mode}.jsonl", "--quiet"])
         assert result.exit_code == 3, result.output
         errors = [line for line in result.output.splitlines() if line.startswith("cmdcl-run: ")]
         assert len(errors) == len(bad)

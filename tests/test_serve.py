@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cmdcl.artifacts import relative_error
 from cmdcl.data.video import write_video
 from cmdcl.runtime import Recognizer, load_backend
-from cmdcl.serve.client import relative_error
 from cmdcl.serve.server import RequestError, model_functions
 from serve_helpers import (
     SERVE_BIN,

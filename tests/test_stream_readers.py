@@ -218,7 +218,7 @@ def test_file_records_are_the_models_windows_over_the_grid(bursty, tmp_path, mon
             window = window if len(window) == 4 else window[[int((j + 0.5) * len(window) / 4) for j in range(4)]]
             probabilities = backend.probabilities(backend.classify_tokens(window[None]))[0]
             expected.append({"video": str(path), "start": round(times[first], 3), "end": round(times[first : first + 4][-1] + step, 3),
-                             "top": recognizer.top(probabilities), "window": i, "decode": "all", "dropped": 0})
+                             "scale": 2.0, "top": recognizer.top(probabilities), "window": i, "decode": "all", "dropped": 0})
         got = [r for r in records if r["video"] == str(path)]
         assert [{k: v for k, v in r.items() if k != "latency_s"} for r in got[:-1]] == expected
         assert got[-1]["windows"] == len(expected) and got[-1]["dropped"] == 0 and "error" not in got[-1]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import __version__
+from ..artifacts import stream_grid
 from ..errors import first_line
 from ..runtime.backends import Backend, BackendError, ModelInfo, TorchBackend
 from . import floors as floor_counts
@@ -141,8 +142,8 @@ class Bench:
         """The video stages asked for, on the clip shape and stream grid of the model `info` describes; sets the
         stride of the stream stages. Returns the stride in grid frames and the bench video (None if none needs it)."""
         s = self.s
-        grid_rate = info.num_frames / info.window_seconds
-        stride_frames = s.stride_frames or max(1, round(info.stride_seconds * grid_rate))
+        grid_rate, _, model_stride = stream_grid(info.num_frames, (info.window_seconds,), info.stride_seconds)
+        stride_frames = s.stride_frames or model_stride
         self.stride_seconds = stride_frames / grid_rate
         video = bench_video(s, info, stride_frames, self.log) if BENCH_VIDEO_STAGES & set(s.stages) else None
         inputs = VideoInputs(info, video, s, self.log)

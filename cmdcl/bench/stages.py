@@ -24,6 +24,9 @@ Model stages run for each backend at each batch size B:
     stream_update   Recognizer.stream_many over B streams: one window update (decoding
                     the new grid frames, encoding them once, one head call); also
                     stream_update_model, the part of it spent in the backend
+    stream_scales   Recognizer.stream_many over one stream with 1, 2 and 3 window scales (W, 2W, 3W): time
+                    per stride step, wall and inside the backend (each extra scale: one more window in the
+                    step's head call, no more encoding)
     stream_grid     live streams per CPU core at a 1 fps grid: Recognizer.stream_many over
                     720p H.264 with a 1 s and a 2 s GOP, decoding every frame vs keyframes only
 
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
 LONG_ITERS = 3  # a sequential pass over 10 minutes of 720p takes tens of seconds
 STREAM_GRID_RATE, STREAM_GRID_SECONDS, STREAM_GRID_GOPS = 1.0, 60.0, (1, 2)  # stream_grid: grid frames per second, video length, GOPs (s)
 STREAM_GRID_ITERS = 3  # stream_grid runs per decoding mode and GOP (each reads the whole video)
+SCALE_ROUNDS = 3  # stream_scales: runs of each scale count, alternating (the timed steps are split among them)
 WORKER_FILES = 16  # videos per end_to_end_workers call (at least 4 per worker)
 WORKER_ITERS = 3  # most end_to_end_workers calls per worker count (each decodes WORKER_FILES videos)
 
@@ -241,6 +245,57 @@ def measure_stream(bench: Bench, t: ModelTarget) -> None:
               engine=t.engine, note=note + ", time inside the backend only")
 
 
+def measure_stream_scales(bench: Bench, t: ModelTarget) -> None:
+    """The cost of each extra window scale: Recognizer.stream_many over B streams of one video with the model's window W
+    alone, then with 2W, then with 2W and 3W too ("stream_scales_<n>": wall time per stride step, decoding included;
+    "stream_scales_<n>_model": the time inside the backend). Each run times the same steps: those after the 3W windows
+    have started (and `warmup` more); the three alternate for up to SCALE_ROUNDS rounds, so that all see the same machine.
+    The video: --video, else a generated one just long enough."""
+    info, stride = t.backend.info, bench.stride_seconds
+    windows = tuple(n * info.window_seconds for n in (1, 2, 3))
+    runs = {n: Recognizer(TimedBackend(t.backend), window=windows[:n], stride=stride) for n in (1, 2, 3)}
+    step_frames, spans = runs[3].stride_frames, runs[3].spans
+    skip = -(-(spans[-1] - spans[0]) // step_frames) + 1 + bench.s.warmup  # steps until every 3W window is due, warm-up
+    rounds = min(SCALE_ROUNDS, bench.s.iters)
+    per_run = -(-bench.s.iters // rounds)
+    seconds = (spans[0] + (skip + per_run + 1) * step_frames) / runs[3].grid_rate + 1
+    video = bench.s.video or videos.synthetic_video(seconds, videos.BENCH_GOP_SECONDS, bench.log)
+    wall, model = {n: [] for n in runs}, {n: [] for n in runs}
+    with PeakMemory(bench.cuda) as memory:
+        for _ in range(rounds):
+            for n, recognizer in runs.items():
+                steps = stride_steps(recognizer, [video] * t.batch)
+                if len(steps) < skip + per_run:
+                    raise SkipStage(f"{video} is too short for {skip + per_run} stride steps of {stride:g} s "
+                                    f"with a {windows[-1]:g} s window")
+                wall[n] += [w for w, _ in steps[skip : skip + per_run]]
+                model[n] += [m for _, m in steps[skip : skip + per_run]]
+    for n in runs:
+        note = (f"{t.batch} stream(s), windows {', '.join(f'{w:g}' for w in windows[:n])} s, {step_frames} new frames per step; "
+                f"{n * t.batch} windows per head call")
+        bench.add(t.label, f"stream_scales_{n}", t.batch, wall[n], memory, "steps/s", 1, t.batch * stride, engine=t.engine,
+                  note=note + ", incl. decoding")
+        bench.add(t.label, f"stream_scales_{n}_model", t.batch, model[n], memory, "steps/s", 1, t.batch * stride,
+                  engine=t.engine, note=note + ", time inside the backend only")
+
+
+def stride_steps(recognizer: Recognizer, sources: list) -> list[tuple[float, float]]:
+    """(wall ms, ms inside the backend) of each stride step of `recognizer.stream_many(sources)` (the recognizer's backend
+    a TimedBackend): a step ends when every source has had its shortest-scale window (the longer scales' windows share
+    that step's head call)."""
+    timed, steps, windows = recognizer.backend, [], 0
+    last_wall, last_model = time.perf_counter(), timed.seconds
+    for record in recognizer.stream_many(sources):
+        if record.get("summary") or record["scale"] != recognizer.window:
+            continue
+        windows += 1
+        if windows % len(sources) == 0:
+            now = time.perf_counter()
+            steps.append(((now - last_wall) * 1e3, (timed.seconds - last_model) * 1e3))
+            last_wall, last_model = now, timed.seconds
+    return steps
+
+
 def measure_stream_grid(bench: Bench, t: ModelTarget) -> None:
     """Live streams per CPU core at a grid of STREAM_GRID_RATE frames per second: Recognizer.stream_many over
     STREAM_GRID_SECONDS of 720p H.264 for each GOP, decoding every frame ("stream_grid_all_gop...") and keyframes
@@ -286,11 +341,12 @@ MODEL_STAGES = {
     "end_to_end": measure_end_to_end,
     "end_to_end_workers": measure_workers,
     "stream_update": measure_stream,
+    "stream_scales": measure_stream_scales,
     "stream_grid": measure_stream_grid,
 }
 # The stages --stages offers, in the order --help lists them.
 STAGES = ("decode_video", "decode_stream", "preprocess", "frame_encoder", "head", "intervention", "clip", "end_to_end",
-          "end_to_end_workers", "stream_update", "long_video", "decode_per_sample", "stream_grid")
+          "end_to_end_workers", "stream_update", "stream_scales", "long_video", "decode_per_sample", "stream_grid")
 # The stages that read the bench video (it is generated only when one of them runs).
 BENCH_VIDEO_STAGES = {"decode_video", "decode_stream", "preprocess", "decode_per_sample", "end_to_end", "end_to_end_workers",
                       "stream_update"}

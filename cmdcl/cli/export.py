@@ -10,6 +10,7 @@ import click
 from ..artifacts import TOLERANCES
 from ..errors import CmdclError
 from .errors import cli_errors
+from .options import seconds_list
 
 
 @click.command()
@@ -42,9 +43,12 @@ from .errors import cli_errors
                    "Only model directories that cmdcl-export wrote are replaced; anything else there is kept.")
 @click.option("--engine-format", default="onnx", show_default=True, type=click.Choice(["onnx", "plan"]),
               help="--triton-repo backend: onnx (ONNX Runtime) or plan (TensorRT; builds --engine, default <out>.plan).")
+@click.option("--stream-window", callback=seconds_list, metavar="SECONDS[,SECONDS...]",
+              help="--triton-repo: the cmdcl_stream model's window in seconds, or several comma-separated lengths "
+                   "(multi-scale, as cmdcl-run --window 8,32). Default: the model's recorded sampling.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, triton_repo,
-         engine_format, debug):
+         engine_format, stream_window, debug):
     """Export a CMDCL checkpoint to ONNX.
 
     The graph takes uint8 RGB frames [B, F, H, W, 3] (normalisation inside)
@@ -62,13 +66,16 @@ def main(ckpt, out, opset, precision, split, verify, video, engine, engine_preci
         out = out or ckpt.with_suffix(".onnx")
         if triton_repo and not split:
             raise CmdclError("--triton-repo needs the split graphs (drop --no-split)")
+        if stream_window and not triton_repo:
+            raise click.UsageError("--stream-window needs --triton-repo")
         if triton_repo and engine_format == "plan" and engine is None:
             engine = out.with_suffix(".plan")
         stale = [] if split else _stale_split_graphs(out)
         _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, stale)
-        _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale)
+        _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale,
+                stream_window)
         if triton_repo:
-            _write_triton_repo(out, triton_repo, engine_format, engine, max_batch)
+            _write_triton_repo(out, triton_repo, engine_format, engine, max_batch, stream_window)
 
 
 def _stale_split_graphs(out: Path) -> list[Path]:
@@ -108,9 +115,11 @@ def _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, sta
         check_triton_repo(triton_repo, inputs + outputs)
 
 
-def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale):
+def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_precision, max_batch, timing_cache, stale,
+            stream_window):
     """Export (and verify) the graphs in a temporary directory beside `out`, then rename them into place:
-    a failed export or verification leaves any older files as they were."""
+    a failed export or verification leaves any older files as they were. A --stream-window the model cannot
+    take is refused before anything is written."""
     from tqdm import tqdm
 
     from cmdcl.export import export_onnx
@@ -125,6 +134,13 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
     with tqdm(total=stages, desc="cmdcl-export", file=sys.stderr, unit="step", disable=None) as bar:
         bar.set_postfix_str(f"loading {ckpt.name}")
         model = load_checkpoint(ckpt)
+        if stream_window:
+            from cmdcl.artifacts import window_scales
+
+            try:
+                window_scales(stream_window, model.cfg.num_frames)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--stream-window") from None
 
         def progress(text):  # marks the previous stage done
             bar.update()
@@ -175,13 +191,13 @@ def _build_engines(paths, engine, precision, max_batch, timing_cache) -> list:
         raise CmdclError(f"--engine: {exc}") from None
 
 
-def _write_triton_repo(model_onnx, repo, engine_format, engine, max_batch) -> None:
+def _write_triton_repo(model_onnx, repo, engine_format, engine, max_batch, windows) -> None:
     """The repository (cmdcl.serve.triton_repo), validated with Triton's config schema when tritonclient is here."""
     import importlib.util
 
     from cmdcl.serve.triton_repo import validate_triton_repo, write_triton_repo
 
-    write_triton_repo(model_onnx, repo, engine_format, engine, max_batch=max_batch, max_frames=max_batch)
+    write_triton_repo(model_onnx, repo, engine_format, engine, max_batch=max_batch, max_frames=max_batch, windows=windows)
     if importlib.util.find_spec("tritonclient") is None:
         click.echo(f"wrote triton repository {repo} (configs not validated: tritonclient is not installed here; "
                    f"run .venv-serve/bin/python -m cmdcl.serve.triton_repo {repo})")

@@ -10,6 +10,7 @@ import click
 from ..errors import ExitCode
 from ..runtime.backends import BACKENDS
 from .errors import cli_errors, end_on_sigterm
+from .options import seconds_list
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,8 +24,10 @@ from .errors import cli_errors, end_on_sigterm
 @click.option("--mode", type=click.Choice(["video", "stream"]), default="video", show_default=True,
               help="video: F frames over each whole file, one result per file. "
                    "stream: sliding windows on a fixed time grid, one result per window plus a summary.")
-@click.option("--window", type=click.FloatRange(min=0, min_open=True),
-              help="Stream mode: window length in seconds (F grid frames). Default: the model's.")
+@click.option("--window", callback=seconds_list, metavar="SECONDS[,SECONDS...]",
+              help="Stream mode: window length in seconds (F grid frames), or several comma-separated (e.g. 8,32): one window "
+                   "per length at each stride, on the grid of the shortest, each frame encoded once; records name their "
+                   "\"scale\". Default: the model's.")
 @click.option("--stride", type=click.FloatRange(min=0, min_open=True), help="Stream mode: seconds between windows. Default: the model's.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels reported per result (single-label models).")
 @click.option("--threshold", type=click.FloatRange(0, 1),
@@ -104,14 +107,17 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
                                         sampling=sampling or RUNTIME_SAMPLING, workers=workers, keyframe_grid=grid_decode != "all")
             except ValueError as exc:  # options the model cannot honour, e.g. a window too short for its F frames
                 raise click.UsageError(str(exc)) from None
+            if mode == "stream" and not quiet:
+                progress.clear()
+                click.echo(_stream_note(recognizer, window, stride), err=True)
             produced = recognizer.predict_many(sources) if mode == "video" else recognizer.stream_many(sources)
             with contextlib.closing(produced):  # also on Ctrl-C: video mode's decoding processes end here
                 for record in produced:
                     record = writer.write(record)
                     if plot or overlay:  # kept only for them: a long stream's records are not held in memory
                         records.append(record)
-                    if record.get("summary"):
-                        progress.update(1)
+                    if record.get("summary") and record.get("scale", recognizer.scales[-1]) == recognizer.scales[-1]:
+                        progress.update(1)  # a source's last summary (stream mode: one per scale, the longest last)
                         failed += _report(record, mode, debug, progress)
     with cli_errors("cmdcl-run", debug, prefix="--plot/--overlay: ", expected=Exception,  # optional outputs: one line
                     interrupted=lambda: " while writing --plot/--overlay"):
@@ -137,6 +143,25 @@ def _model_files(engine) -> list[tuple[str, object]]:
     if not str(engine).lower().endswith((".onnx", ".pt")):  # a TensorRT engine: each has a JSON sidecar
         files += [("the --engine model's sidecar", sidecar_path(path)) for _, path in files]
     return files
+
+
+def _stream_note(recognizer, window, stride) -> str:
+    """The line that says which windows and stride stream mode uses, and why: the options, else the model's
+    recorded sampling (from its training clips), else the defaults, since windows unlike the model's training
+    clips change what it sees."""
+    from ..artifacts import DEFAULT_STREAM_FPS, default_sampling
+
+    info = recognizer.info
+    if "source" in info.sampling:
+        model = f"the model's training clips: {info.sampling['source']}"
+    elif info.sampling and info.sampling != default_sampling(info.num_frames):
+        model = "the model's recorded sampling"
+    else:
+        model = f"no sampling recorded in the model: {info.num_frames} frames at {DEFAULT_STREAM_FPS:g} frame/s"
+    why = {(True, True): "--window, --stride", (True, False): f"--window; stride from {model}",
+           (False, True): f"--stride; windows from {model}", (False, False): model}[bool(window), bool(stride)]
+    windows = ", ".join(f"{scale:g}" for scale in recognizer.scales)
+    return f"cmdcl-run: stream windows of {windows} s every {recognizer.stride_frames / recognizer.grid_rate:g} s ({why})"
 
 
 def _report(record: dict, mode: str, debug: bool, progress) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..artifacts import TOLERANCES
+from ..artifacts import TOLERANCES, relative_error
 from ..errors import CmdclError
 
 
@@ -35,11 +35,6 @@ class Check:
         verdict = "ok" if self.passed else "FAILED"
         return (f"{self.name}: logits rel err {self.logits_error:.2e}, embedding rel err "
                 f"{self.embedding_error:.2e}, top-1 agreement {100 * self.top1_agreement:.0f}% [{verdict}]")
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def onnx_session(path: str | Path):

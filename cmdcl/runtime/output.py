@@ -28,7 +28,7 @@ import numpy as np
 from ..output_files import OutputError, atomic_write, in_place, move_into_place, real_path
 
 FORMATS = ("jsonl", "json", "csv")
-CSV_COLUMNS = ("video", "summary", "start", "end", "rank", "label", "score", "error")
+CSV_COLUMNS = ("video", "summary", "start", "end", "scale", "rank", "label", "score", "error")  # scale: stream mode's window length
 NON_FINITE_ERROR = "the model gave scores that are not numbers (NaN or infinity)"
 
 
@@ -109,7 +109,7 @@ class RecordWriter:
         elif self.fmt == "jsonl":
             self._emit(json.dumps(record, allow_nan=False) + "\n")
         else:
-            base = {k: record.get(k, "") for k in ("video", "start", "end", "error")}
+            base = {k: record.get(k, "") for k in ("video", "start", "end", "scale", "error")}
             base["summary"] = bool(record.get("summary"))
             rows = [{**base, "rank": i + 1, **entry} for i, entry in enumerate(record.get("top", []))]
             self.csv.writerows(rows or [base])
@@ -161,7 +161,8 @@ class RecordWriter:
 
 
 def plot_timeline(records: list[dict], path) -> Path:
-    """Scores of the reported labels over time, one panel per video (window records)."""
+    """Scores of the reported labels over time, one panel per video (window records); with several window
+    scales, one line per label and scale."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,11 +174,13 @@ def plot_timeline(records: list[dict], path) -> Path:
     fig, axes = plt.subplots(len(videos), 1, figsize=(9, 2.6 * len(videos)), squeeze=False)
     for ax, video in zip(axes[:, 0], videos):
         windows = [r for r in records if r["video"] == video and not r.get("summary")]
-        mid = [(r["start"] + r["end"]) / 2 for r in windows]
-        labels = list(dict.fromkeys(e["label"] for r in windows for e in r["top"]))
-        for label in labels:
-            scores = [next((e["score"] for e in r["top"] if e["label"] == label), np.nan) for r in windows]
-            ax.plot(mid, scores, marker=".", label=label)
+        scales = list(dict.fromkeys(r.get("scale") for r in windows))
+        for scale in scales:
+            mine = [r for r in windows if r.get("scale") == scale]
+            mid = [(r["start"] + r["end"]) / 2 for r in mine]
+            for label in dict.fromkeys(e["label"] for r in mine for e in r["top"]):
+                scores = [next((e["score"] for e in r["top"] if e["label"] == label), np.nan) for r in mine]
+                ax.plot(mid, scores, marker=".", label=label if len(scales) == 1 else f"{label} ({scale:g} s)")
         ax.set_title(Path(video).name, fontsize=9)
         ax.set_xlabel("time (s, window centre)")
         ax.set_ylabel("score")
@@ -198,6 +201,8 @@ def write_overlay(source, records: list[dict], path) -> Path:
 
     name = _clean(str(source))  # as the records spell it
     windows = [r for r in records if not r.get("summary") and r["video"] == name]
+    shortest = min((r.get("scale", 0) for r in windows), default=0)
+    windows = [r for r in windows if r.get("scale", 0) == shortest]  # several scales: the shortest's windows, in time order
     summary = next((r for r in records if r.get("summary") and r["video"] == name), {})
     starts = [r["start"] for r in windows]
     container, stream = open_video(source)

@@ -2,8 +2,8 @@
 
 Records (one JSON object each, see README "Runtime"):
 
-    window   {"video", "start", "end", "top": [{"label", "score"}], "window": i, "decode", "dropped", "latency_s"}
-    summary  {"video", "summary": true, "mode", "start", "end", "top", ...}
+    window   {"video", "start", "end", "scale", "top": [{"label", "score"}], "window": i, "decode", "dropped", "latency_s"}
+    summary  {"video", "summary": true, "mode", "scale", "start", "end", "top", ...}  (stream mode: one per scale)
     failure  {"video", "summary": true, "error": "<reason>"}
 
 Video mode classifies F frames sampled over the whole file (`read_clip`) with
@@ -22,6 +22,13 @@ once (the others wait their turn). A gap in a source's time (see `cmdcl.data.vid
 ring buffer again: no window spans it, the first window after it carries
 `"gap_before": seconds`, and the summary counts `"gaps"`.
 
+Several window lengths (scales) W_1 < ... < W_n share one stream: the grid is the shortest
+window's (F frames per W_1 seconds), the ring buffer keeps the last round(F * W_n / W_1) grid
+frames' tokens, and at each stride step every scale whose window has filled since the ring
+(re)started takes F tokens from its part of the ring (`window_positions`): one more window in
+the head call per scale, no more encoding. Each window and summary record names its "scale"
+(docs/design.md section 5).
+
 Whatever goes wrong while reading one input, even a bug, becomes that input's
 failure record and the other inputs go on.
 """
@@ -39,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import MAX_GRID_RATE
+from ..artifacts import stream_grid, window_positions, window_scales
 from ..data.video import (
     DEFAULT_TIMEOUT,
     RUNTIME_SAMPLING,
@@ -80,7 +87,8 @@ class Recognizer:
 
     `engine` is a model file (.onnx, .plan, .pt), an already loaded Backend, or
     None for the bundled demo model on ONNX Runtime CPU. `window`/`stride`
-    (seconds) default to the model's recorded sampling. Multi-label models
+    (seconds) default to the model's recorded sampling; `window` may be several
+    lengths (see `window_scales`), each a scale of stream mode. Multi-label models
     report every label whose score is >= `threshold` (default 0.5);
     single-label models the `top_k` best, dropping those under `threshold`.
     Network sources get `timeout` seconds to open and to send each packet;
@@ -107,17 +115,15 @@ class Recognizer:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         self.top_k, self.batch = top_k, batch
         self.threshold = threshold if threshold is not None or not info.multi_label else 0.5
-        self.window = float(window or info.window_seconds)
+        self.scales = window_scales(info.window_seconds if window is None else window, info.num_frames)
+        self.window = self.scales[0]  # the shortest: its F frames set the grid
         self.stride = float(stride or info.stride_seconds)
-        if not (math.isfinite(self.window) and math.isfinite(self.stride) and self.window > 0 and self.stride > 0):
-            raise ValueError(f"window and stride must be positive numbers of seconds, got {self.window:g} and {self.stride:g}")
+        if not (math.isfinite(self.stride) and self.stride > 0):
+            raise ValueError(f"stride must be a positive number of seconds, got {self.stride:g}")
         if not (math.isfinite(timeout) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout:g}")
-        self.grid_rate = info.num_frames / self.window  # grid frames per second
-        if self.grid_rate > MAX_GRID_RATE:
-            raise ValueError(f"window {self.window:g} s is too short for {info.num_frames} frames: at most {MAX_GRID_RATE:g} "
-                             f"grid frames per second (a window of at least {info.num_frames / MAX_GRID_RATE:g} s)")
-        self.stride_frames = max(1, round(self.stride * self.grid_rate))
+        # grid frames per second, the grid frames each scale's window spans (the ring keeps the longest), the stride
+        self.grid_rate, self.spans, self.stride_frames = stream_grid(info.num_frames, self.scales, self.stride)
         self.reconnect = reconnect or Reconnect()
         self.timeout, self.debug = timeout, debug
         self.keyframe_grid = keyframe_grid
@@ -223,14 +229,14 @@ class Recognizer:
                         stream.new += 1
                 for stream in active:
                     stream.pending.clear()
-                due = [s for s in active if s.window_due(self.stride_frames)]
+                due = [(s, k) for s in active for k in s.due_scales(self.stride_frames)]  # k: the scale's index
                 if due:
-                    logits = self.backend.classify_tokens(np.stack([s.window_tokens() for s in due]))
-                    for stream, probabilities in zip(due, self.backend.probabilities(logits)):
-                        yield stream.window_record(probabilities, self.top(probabilities), step)
+                    logits = self.backend.classify_tokens(np.stack([s.window_tokens(k) for s, k in due]))
+                    for (stream, k), probabilities in zip(due, self.backend.probabilities(logits)):
+                        yield stream.window_record(k, probabilities, self.top(probabilities), step)
                 ended = [s for s in active if s.ended]
                 for stream in ended:
-                    yield stream.summary(self.top, step)
+                    yield from stream.summaries(self.top, step)
                     active.remove(stream)
                 for stream in active:
                     stream.restart_after_gap(step)
@@ -252,25 +258,29 @@ class Recognizer:
 
         capacity = min(ENCODER_BATCH, max(self.info.num_frames, self.stride_frames))
         drop_after = 1.0 / self.grid_rate if is_endless(source) else None  # a live source: its next frame is due in one grid step
-        return _Stream(source, StreamReader(source, open_frames, capacity, drop_after, wake, self._unexpected), self.info.num_frames)
+        reader = StreamReader(source, open_frames, capacity, drop_after, wake, self._unexpected)
+        return _Stream(source, reader, self.info.num_frames, self.scales, self.spans)
 
 
 class _Stream:
     """One source's state in stream mode: its reader, grid frames not yet
-    encoded, the ring buffer of the last F frames' (GridItem, tokens), and the
-    running sum of the window scores (for the summary; nothing grows with the
-    stream's length)."""
+    encoded, the ring buffer of the last frames' (GridItem, tokens) (as many as the
+    longest window spans), and per window scale the running sum of its window scores
+    (for its summary; nothing grows with the stream's length)."""
 
-    def __init__(self, source, reader: StreamReader, num_frames: int):
+    def __init__(self, source, reader: StreamReader, num_frames: int, scales: tuple, spans: tuple):
         self.source, self.reader = str(source), reader
         self.pending: list = []  # GridItems taken, not yet encoded
-        self.tokens: deque = deque(maxlen=num_frames)
-        self.num_frames = num_frames
+        self.tokens: deque = deque(maxlen=spans[-1])
+        self.num_frames, self.scales, self.spans = num_frames, scales, spans
         self.new = 0  # frames encoded since the last window
         self.fresh = True  # no window since the ring buffer (re)started
-        self.windows, self.score_sum, self.last_time = 0, 0.0, None
+        self.last_time = None
+        self.windows, self.score_sums = [0] * len(scales), [0.0] * len(scales)  # per scale
         self.after_gap, self.gap_before, self.gaps = None, None, 0  # the grid frame after a gap, held back; the gap; gaps so far
-        self.dropped, self.dropped_total = 0, 0  # grid frames the reader dropped since the last window, and in all
+        self.gap_unreported = [False] * len(scales)  # per scale: the gap is for its next window's record
+        self.dropped_total = 0  # grid frames the reader dropped
+        self.dropped_before = [0] * len(scales)  # per scale: dropped_total at its last window
         self.ended, self.error = False, None
 
     def pull(self, count: int, step: float) -> bool:
@@ -283,7 +293,7 @@ class _Stream:
             if item is None:
                 break
             took = True
-            self.dropped, self.dropped_total = self.dropped + item.dropped, self.dropped_total + item.dropped
+            self.dropped_total += item.dropped
             if self.last_time is not None and item.t - self.last_time > (item.dropped + 1.5) * step:
                 self.after_gap = item
             else:
@@ -293,51 +303,67 @@ class _Stream:
             self.ended, self.error = True, self.reader.error
         return took
 
-    def window_due(self, stride_frames: int) -> bool:
-        """A full window `stride_frames` after the last, or the first one since the
-        ring buffer (re)started; a part shorter than a window (the source ended or
-        a gap came) gets one window repeating its frames."""
-        if len(self.tokens) == self.num_frames:
-            return self.fresh or self.new >= stride_frames
-        return self.fresh and len(self.tokens) > 0 and (self.ended or self.after_gap is not None)
+    def due_scales(self, stride_frames: int) -> list[int]:
+        """The scales (indices) with a window due: at a stride step (`stride_frames`
+        after the last window, or the first window since the ring buffer (re)started),
+        each scale whose window's frames have all come since then. A part shorter than
+        the shortest window (the source ended or a gap came) gets one window of the
+        shortest scale, repeating its frames."""
+        held = len(self.tokens)
+        if held >= self.spans[0]:
+            return [k for k, span in enumerate(self.spans) if held >= span] if self.fresh or self.new >= stride_frames else []
+        return [0] if self.fresh and held > 0 and (self.ended or self.after_gap is not None) else []
 
     def restart_after_gap(self, step: float) -> None:
-        """After a gap: the ring buffer starts again with the frame held back."""
+        """After a gap: the ring buffer starts again with the frame held back, for every scale."""
         if self.after_gap is None:
             return
         item = self.after_gap
         self.gap_before, self.gaps = round(item.t - self.last_time - step, 3), self.gaps + 1
+        self.gap_unreported = [True] * len(self.scales)
         self.tokens.clear()
         self.fresh, self.new, self.after_gap = True, 0, None
         self.pending.append(item)
         self.last_time = item.t
 
-    def window_tokens(self) -> np.ndarray:
-        tokens = [token for _, token in self.tokens]
-        if len(tokens) < self.num_frames:  # a part shorter than one window: repeat frames uniformly
-            tokens = [tokens[int((i + 0.5) * len(tokens) / self.num_frames)] for i in range(self.num_frames)]
-        return np.stack(tokens)
+    def _window(self, k: int) -> list:
+        """Scale k's window: the (GridItem, tokens) at `window_positions` of its span, the last frames of the ring buffer
+        (all of them in a part shorter than the span)."""
+        ring = list(self.tokens)[-self.spans[k]:]
+        return [ring[i] for i in window_positions(self.num_frames, len(ring))]
 
-    def window_record(self, probabilities: np.ndarray, top: list, step: float) -> dict:
-        """The window's record; "latency_s" runs from its last frame's arrival from the reader to now."""
-        first, last = self.tokens[0][0], self.tokens[-1][0]
-        record = {"video": self.source, "start": round(first.t, 3), "end": round(last.t + step, 3), "top": top, "window": self.windows,
-                  "decode": "keyframes" if all(item.decode == "keyframes" for item, _ in self.tokens) else "all",
-                  "dropped": self.dropped, "latency_s": round(time.monotonic() - last.arrival, 3)}
-        if self.gap_before is not None:
-            record["gap_before"], self.gap_before = self.gap_before, None
-        self.windows, self.new, self.fresh, self.dropped = self.windows + 1, 0, False, 0
-        self.score_sum = self.score_sum + probabilities
+    def window_tokens(self, k: int) -> np.ndarray:
+        return np.stack([token for _, token in self._window(k)])
+
+    def window_record(self, k: int, probabilities: np.ndarray, top: list, step: float) -> dict:
+        """Scale k's window record, from the first to the last grid frame of its span; "latency_s" runs from its
+        last frame's arrival from the reader to now."""
+        first, last = self.tokens[-min(self.spans[k], len(self.tokens))][0], self.tokens[-1][0]
+        record = {"video": self.source, "start": round(first.t, 3), "end": round(last.t + step, 3), "scale": self.scales[k],
+                  "top": top, "window": self.windows[k],
+                  "decode": "keyframes" if all(item.decode == "keyframes" for item, _ in self._window(k)) else "all",
+                  "dropped": self.dropped_total - self.dropped_before[k], "latency_s": round(time.monotonic() - last.arrival, 3)}
+        if self.gap_unreported[k]:
+            record["gap_before"], self.gap_unreported[k] = self.gap_before, False
+        if k == 0:  # the shortest scale's window is at every stride step: the next step counts from here
+            self.new, self.fresh = 0, False
+        self.windows[k], self.dropped_before[k] = self.windows[k] + 1, self.dropped_total
+        self.score_sums[k] = self.score_sums[k] + probabilities
         return record
 
-    def summary(self, top, step: float) -> dict:
-        record = {"video": self.source, "summary": True, "mode": "stream"}
-        if self.windows:
-            record.update(start=0.0, end=round(self.last_time + step, 3), top=top(self.score_sum / self.windows), windows=self.windows,
-                          gaps=self.gaps, dropped=self.dropped_total)
-        if self.error or not self.windows:
-            record["error"] = self.error or "undecodable (no frame decoded)"
-        return record
+    def summaries(self, top, step: float) -> Iterator[dict]:
+        """One summary per scale, shortest first: the mean of its window scores. A source shorter than a longer scale's
+        window has no window of it (its summary says "windows": 0); a source with no window at all failed."""
+        for k, scale in enumerate(self.scales):
+            record = {"video": self.source, "summary": True, "mode": "stream", "scale": scale}
+            if self.windows[k]:
+                record.update(start=0.0, end=round(self.last_time + step, 3), top=top(self.score_sums[k] / self.windows[k]),
+                              windows=self.windows[k], gaps=self.gaps, dropped=self.dropped_total)
+            if self.error or not self.windows[0]:
+                record["error"] = self.error or "undecodable (no frame decoded)"
+            elif not self.windows[k]:
+                record.update(top=[], windows=0)
+            yield record
 
 
 def expand_inputs(inputs: Iterable) -> list:

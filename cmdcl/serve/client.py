@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..artifacts import TOLERANCES
+from ..artifacts import TOLERANCES, relative_error
 from ..errors import first_line
 
 PROTOCOLS = ("http", "grpc")
@@ -76,10 +76,6 @@ def _datatype(dtype) -> str:
     from tritonclient.utils import np_to_triton_dtype
 
     return np_to_triton_dtype(np.dtype(dtype))
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.linalg.norm(out.astype(np.float64) - ref) / max(np.linalg.norm(ref.astype(np.float64)), 1e-30))
 
 
 @dataclass

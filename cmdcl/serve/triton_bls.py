@@ -5,13 +5,21 @@ cmdcl package: it runs inside Triton's Python backend and needs only numpy there
 - `cmdcl` (dynamic batching): frames uint8 [B, F, H, W, 3] per request. All frames
   of all batched requests go through `frame_encoder` (in chunks of its max batch),
   then the clips through `head`.
-- `cmdcl_stream` (sequence batching, one sequence id per camera): one frame
-  uint8 [1, H, W, 3] per request. Each frame is encoded once and its tokens kept
-  in the sequence's ring buffer of F frames; like `cmdcl-run --mode stream`, the
-  first window is scored when F frames have arrived, then every `stride_frames`
-  frames, and a sequence that ends before F frames is scored once with its frames
-  repeated. Outputs: `window` (window index, or -1 when this frame finished no
-  window) and `logits` (NaN when window is -1).
+- `cmdcl_stream` (sequence batching, one sequence id per camera): one grid frame
+  uint8 [1, H, W, 3] per request, sent at F / W_1 frames per second (W_1 the
+  shortest window; the config's `grid_fps`). Like `cmdcl-run --mode stream`
+  (docs/design.md section 5), each frame is encoded once and its tokens kept in
+  the sequence's ring buffer of the last N_n frames (`window_frames`: N_k grid
+  frames per scale k, N_1 = F); scale k's window takes F tokens of its last N_k
+  frames at `window_positions`. Windows are due at each stride step: when F
+  frames have arrived, then every `stride_frames` frames; at a step every scale
+  whose N_k frames have arrived is scored, and a sequence that ends before F
+  frames is scored once at the shortest scale with its frames repeated. All due
+  windows of a batch go to `head` together.
+  Outputs with one scale: `logits` [1, C] (NaN when no window is due), `window`
+  [1, 1] (the window index, -1 when this frame finished none) and `scale` [1, 1]
+  (its length in seconds). With K scales: `logits` [1, K, C], `window` [1, K]
+  (each scale's own window index, -1 for a scale not due) and `scale` [1, K].
 """
 
 import json
@@ -25,13 +33,16 @@ import triton_python_backend_utils as pb_utils
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: int(v["string_value"]) for k, v in config["parameters"].items()}
-        self.num_frames = params["num_frames"]
-        self.encoder_batch, self.head_batch = params["frame_encoder_max_batch"], params["head_max_batch"]
-        self.stride = params["stride_frames"]
-        self.idle_seconds = params["sequence_idle_us"] / 1e6
+        params = {k: v["string_value"] for k, v in config["parameters"].items()}
+        self.num_frames = int(params["num_frames"])
+        self.encoder_batch, self.head_batch = int(params["frame_encoder_max_batch"]), int(params["head_max_batch"])
         self.streaming = "sequence_batching" in config
-        self.num_classes = next(int(t["dims"][0]) for t in config["output"] if t["name"] == "logits")
+        if self.streaming:
+            self.stride = int(params["stride_frames"])
+            self.idle_seconds = int(params["sequence_idle_us"]) / 1e6
+            self.window_frames = [int(n) for n in params["window_frames"].split(",")]  # N_k, ascending
+            self.scales = np.array([float(w) for w in params["window_seconds"].split(",")], dtype=np.float32)
+        self.num_classes = next(int(t["dims"][-1]) for t in config["output"] if t["name"] == "logits")
         self.sequences = {}  # correlation id -> _Sequence
 
     def execute(self, requests):
@@ -66,24 +77,30 @@ class TritonPythonModel:
         tokens = self._call("frame_encoder", "frames", np.concatenate(frames), ["tokens"], self.encoder_batch)[0]
         now = time.monotonic()
         self.sequences = {k: s for k, s in self.sequences.items() if now - s.seen < self.idle_seconds}
-        windows, due = [-1] * len(requests), []
+        scales = len(self.window_frames)
+        windows = np.full((len(requests), scales), -1, dtype=np.int32)
+        due = []  # (request, scale, window tokens [F, S, D])
         for i, ((corrid, start, end), token) in enumerate(zip(controls, tokens)):
             if start or corrid not in self.sequences:
-                self.sequences[corrid] = _Sequence(self.num_frames)
+                self.sequences[corrid] = _Sequence(self.window_frames[-1])
             sequence = self.sequences[corrid]
             sequence.add(token, now)
-            full = len(sequence.tokens) == self.num_frames
-            if (full and (sequence.windows == 0 or sequence.new >= self.stride)) or (end and sequence.windows == 0):
-                windows[i] = sequence.windows
-                due.append(sequence.window())
+            for k in sequence.due(self.window_frames, self.num_frames, self.stride, end):
+                windows[i, k], window = sequence.window(k, self.window_frames[k], self.num_frames)
+                due.append((i, k, window))
             if end:
                 del self.sequences[corrid]
-        logits = np.full((len(requests), self.num_classes), np.nan, dtype=np.float32)
+        logits = np.full((len(requests), scales, self.num_classes), np.nan, dtype=np.float32)
         if due:
-            logits[[i for i, w in enumerate(windows) if w >= 0]] = self._call("head", "tokens", np.stack(due), ["logits"],
-                                                                             self.head_batch)[0]
+            scored = self._call("head", "tokens", np.stack([t for _, _, t in due]), ["logits"], self.head_batch)[0]
+            for (i, k, _), row in zip(due, scored):
+                logits[i, k] = row
+        if scales == 1:  # one scale: today's logits [1, C]
+            logits = logits[:, 0]
+        scale = np.broadcast_to(self.scales, windows.shape)
         return [pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits[i : i + 1]),
-                                            pb_utils.Tensor("window", np.array([[windows[i]]], dtype=np.int32))])
+                                            pb_utils.Tensor("window", windows[i : i + 1]),
+                                            pb_utils.Tensor("scale", np.ascontiguousarray(scale[i : i + 1]))])
                 for i in range(len(requests))]
 
     # ---- BLS -----------------------------------------------------------------------------
@@ -101,23 +118,37 @@ class TritonPythonModel:
         return [np.concatenate([chunk[i] for chunk in chunks]) for i in range(len(output_names))]
 
 
-class _Sequence:
-    """One camera's ring buffer of the last F frames' tokens."""
+def window_positions(num_frames, span):
+    """The F ring positions (0 = oldest of the last `span` frames) a window takes: the centre of each of F
+    equal segments. Mirrors cmdcl.artifacts.window_positions (this file cannot import cmdcl;
+    tests/test_serve_bls.py pins the two together)."""
+    return [(2 * j + 1) * span // (2 * num_frames) for j in range(num_frames)]
 
-    def __init__(self, num_frames):
-        self.num_frames = num_frames
-        self.tokens = deque(maxlen=num_frames)
-        self.new = self.windows = 0
+
+class _Sequence:
+    """One camera's ring buffer of the last N_n frames' tokens, and its window count per scale."""
+
+    def __init__(self, ring_frames):
+        self.tokens = deque(maxlen=ring_frames)
+        self.new = 0  # frames since the last stride step
+        self.windows = {}  # scale -> index of its last window
         self.seen = 0.0
 
     def add(self, token, now):
         self.tokens.append(token)
         self.new, self.seen = self.new + 1, now
 
-    def window(self):
-        """Tokens [F, S, D] of the current window; fewer than F frames are repeated uniformly."""
-        tokens = list(self.tokens)
-        if len(tokens) < self.num_frames:
-            tokens = [tokens[int((i + 0.5) * len(tokens) / self.num_frames)] for i in range(self.num_frames)]
-        self.windows, self.new = self.windows + 1, 0
-        return np.stack(tokens)
+    def due(self, window_frames, num_frames, stride, end):
+        """The scales due now: at a stride step (F frames, then every `stride`) those whose N_k frames have
+        arrived; a sequence ending before its first step gets one window at the shortest scale."""
+        if len(self.tokens) >= num_frames and (not self.windows or self.new >= stride):
+            self.new = 0
+            return [k for k, n in enumerate(window_frames) if len(self.tokens) >= n]
+        return [0] if end and not self.windows else []
+
+    def window(self, scale, span, num_frames):
+        """(window index, tokens [F, S, D]) of scale `scale`'s window over its last `span` frames; a sequence
+        shorter than that (only at the shortest scale, span F) has its frames repeated by the same rule."""
+        tokens = list(self.tokens)[-span:]
+        index = self.windows[scale] = self.windows.get(scale, -1) + 1
+        return index, np.stack([tokens[p] for p in window_positions(num_frames, len(tokens))])

@@ -5,6 +5,7 @@
       head/            config.pbtxt, labels.txt, 1/model.onnx|plan   tokens [B, F, S, D] -> logits [B, C], embedding
       cmdcl/           config.pbtxt, labels.txt, 1/model.py          BLS: a whole clip frames [B, F, H, W, 3] -> logits, embedding
       cmdcl_stream/    config.pbtxt, labels.txt, 1/model.py          sequence batching: one frame per request, one sequence per camera
+                                                                     (windows of one or several lengths, as cmdcl-run --mode stream)
 
 frame_encoder and head run on Triton's ONNX Runtime backend (the exported
 graphs; the CausalIntervention node's local function needs no custom-op
@@ -34,8 +35,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .. import artifacts
-from ..artifacts import SPLIT_ROLES, graph_io, graph_path, read_sidecar, sidecar_path
+from ..artifacts import SPLIT_ROLES, graph_io, graph_path, read_sidecar, sidecar_path, stream_grid, window_scales
 from ..errors import CmdclError
 from ..export.metadata import ModelFileError, check_same_export, read_metadata
 from ..output_files import temporary_dir
@@ -63,16 +63,18 @@ class _Enum(str):
 
 def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None, max_batch: int = 8,
                       max_frames: int = 64, instance_kind: str = "auto", instance_count: int = 1,
-                      queue_delay_us: int = 2000, stride_frames: int | None = None, max_sequences: int = 64) -> list[Path]:
+                      queue_delay_us: int = 2000, stride_frames: int | None = None, max_sequences: int = 64,
+                      windows=None) -> list[Path]:
     """Write the four models for `model_onnx` (exported with its split graphs) into `repo`.
 
     `engine_format="plan"` takes the TensorRT engines `<engine stem>.frame_encoder.plan`
     and `.head.plan` that cmdcl-build wrote for `engine`. `max_batch` is the most clips
     per head call (and frames per cmdcl_stream batch), `max_frames` the most frames per
-    frame_encoder call; a plan's optimisation profile bounds both. `stride_frames` (the
-    stream model's window step) defaults to the model's recorded sampling; `max_sequences`
-    cameras stream at once (Triton holds a further camera back until one ends or idles
-    out). Returns the config files written.
+    frame_encoder call; a plan's optimisation profile bounds both. The stream model's
+    `windows` (seconds: one number or several scales, as `cmdcl-run --window`) and
+    `stride_frames` (its window step, in grid frames) default to the model's recorded
+    sampling, as stream mode's do; `max_sequences` cameras stream at once (Triton holds
+    a further camera back until one ends or idles out). Returns the config files written.
     """
     if engine_format not in ENGINE_FORMATS:
         raise TritonRepoError(f"engine format must be one of {', '.join(ENGINE_FORMATS)}, not {engine_format!r}")
@@ -85,9 +87,7 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
     sources = _engine_files(model_onnx, engine_format, engine, max_batch, max_frames)
     check_triton_repo(repo, [("the model", model_onnx), *[(f"the {name} model", path) for name, path in sources.items()]])
     f = meta["num_frames"]
-    stride = stride_frames or artifacts.stride_frames(meta["sampling"], f)
-    if stride < 1:
-        raise TritonRepoError(f"stride frames must be >= 1, not {stride}")
+    scales, spans, stride = _stream_grid(meta, windows, stride_frames)
     labels = "".join(f"{name}\n" for name in meta["classes"])
     if any("\n" in name for name in meta["classes"]):
         raise TritonRepoError(f"{model_onnx}: a class name contains a newline; Triton's labels file is one per line")
@@ -98,8 +98,10 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
     frames_in, tokens_out = _io_tensors("frame_encoder", meta)
     tokens_in, heads_out = _io_tensors("head", meta)
     clips_in, _ = _io_tensors("full", meta)
-    bls_parameters = _parameters(num_frames=f, frame_encoder_max_batch=max_frames, head_max_batch=max_batch,
-                                 stride_frames=stride, sequence_idle_us=SEQUENCE_IDLE_US)
+    bls_parameters = _parameters(num_frames=f, frame_encoder_max_batch=max_frames, head_max_batch=max_batch)
+    stream_parameters = _parameters(stride_frames=stride, sequence_idle_us=SEQUENCE_IDLE_US, grid_fps=f / scales[0],
+                                    window_seconds=",".join(map(repr, scales)), window_frames=",".join(map(str, spans)))
+    logits_out = heads_out[0] if len(scales) == 1 else {**heads_out[0], "dims": [len(scales), *heads_out[0]["dims"]]}
     configs = {
         "frame_encoder": {
             "name": "frame_encoder", "backend": backend, "platform": platform, "max_batch_size": max_frames,
@@ -120,7 +122,7 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
         STREAM_MODEL: {
             "name": STREAM_MODEL, "backend": "python", "max_batch_size": max_batch,
             "input": [{**frames_in[0], "name": "frame"}],  # one frame encoder input per request
-            "output": [heads_out[0], _tensor("window", "TYPE_INT32", [1])],
+            "output": [logits_out, _tensor("window", "TYPE_INT32", [len(scales)]), _tensor("scale", "TYPE_FP32", [len(scales)])],
             "sequence_batching": {
                 "max_sequence_idle_microseconds": SEQUENCE_IDLE_US,
                 "control_input": [
@@ -132,7 +134,7 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
                            "max_queue_delay_microseconds": queue_delay_us},
             },
             "instance_group": [{"count": 1, "kind": _Enum("KIND_CPU")}],
-            "parameters": bls_parameters,
+            "parameters": bls_parameters + stream_parameters,
         },
     }
     with _staging_dir(repo) as staging:  # removed at the end, with the replaced model directories
@@ -246,6 +248,24 @@ def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, 
     return plans
 
 
+def _stream_grid(meta: dict, windows, stride_frames: int | None) -> tuple[tuple, tuple, int]:
+    """The stream model's windows (seconds, ascending), the grid frames each spans, and the stride in grid frames,
+    derived as stream mode derives them (`Recognizer`: one grid of F frames per shortest window; the model's
+    recorded window and stride in seconds unless given)."""
+    from ..runtime import ModelInfo
+
+    info = ModelInfo.from_metadata(meta)
+    try:
+        scales = window_scales(info.window_seconds if windows is None else windows, info.num_frames)
+    except ValueError as exc:
+        raise TritonRepoError(f"stream {exc}") from None
+    _, spans, stride = stream_grid(info.num_frames, scales, info.stride_seconds)
+    stride = stride if stride_frames is None else stride_frames
+    if stride < 1:
+        raise TritonRepoError(f"stride frames must be >= 1, not {stride}")
+    return scales, spans, stride
+
+
 def _tensor(name: str, dtype: str, dims: list, **extra) -> dict:
     return {"name": name, "data_type": _Enum(dtype), "dims": dims, **extra}
 
@@ -317,7 +337,7 @@ def validate_triton_repo(repo) -> dict:
         except text_format.ParseError as exc:
             raise TritonRepoError(f"{path}: not a valid Triton model config ({exc})") from None
         summary[config.name] = _check_config(path, config, model_config_pb2)
-    missing = {"frame_encoder", "head", CLIP_MODEL, STREAM_MODEL} - set(summary)
+    missing = set(MODEL_NAMES) - set(summary)
     if missing:
         raise TritonRepoError(f"{repo}: missing models: {', '.join(sorted(missing))}")
     return summary
