@@ -1,4 +1,4 @@
-"""`cmdcl-eval`: accuracy / mAP of a checkpoint on a manifest or dataset folder."""
+"""`cmdcl-eval`: accuracy / mAP of a checkpoint on a manifest or dataset folder, in video or stream mode."""
 
 from __future__ import annotations
 
@@ -7,10 +7,18 @@ import json
 import click
 
 from .errors import EXPECTED, cli_errors
+from .options import seconds_list
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False), help="CMDCL checkpoint (cmdcl-train's output).")
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
+              help="CMDCL checkpoint (cmdcl-train's output); with --mode stream also an exported .onnx or .plan model.")
+@click.option("--mode", default="video", type=click.Choice(["video", "stream"]),
+              help="video: one clip per video; stream: cmdcl-run's sliding windows, scored per window and per summary.")
+@click.option("--window", "windows", multiple=True, callback=seconds_list,
+              help="Stream mode: window seconds; repeat or comma-separate to compare several. Default: the model's.")
+@click.option("--stride", "strides", multiple=True, callback=seconds_list,
+              help="Stream mode: seconds between windows, one per --window, one for all, or none (the model's default).")
 @click.option("--data", required=True, help="A CSV manifest, or a Breakfast/COIN/Charades folder.")
 @click.option("--split", default="test", type=click.Choice(["train", "test"]), help="Split of a dataset folder.")
 @click.option("--target", default="label", type=click.Choice(["label", "segments"]),
@@ -24,14 +32,26 @@ from .errors import EXPECTED, cli_errors
 @click.option("--workers", type=click.IntRange(min=1),
               help="Processes decoding videos at once; 1 decodes in the main process. Default: one per usable CPU core.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, sampling, workers, debug):
+def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_size, cache_dir, device, sampling, workers, debug):
     """Evaluate a checkpoint: top-1/top-5 accuracy (single-label) or mAP
     (multi-label), with a per-class table. Labels must be among the
     checkpoint's classes. Videos that cannot be read are left out, each with
-    a warning line, and listed under "skipped" in the JSON."""
+    a warning line, and listed under "skipped" in the JSON.
+
+    --mode stream runs cmdcl-run's stream path for each --window/--stride and
+    reports window top-1 (each window against its video's label), the
+    summary's top-1 and how often the summary agrees with video mode; with
+    --target segments (a model whose classes are the segment labels, e.g.
+    atomic actions), mAP of each window against the segments it overlaps."""
+    if mode == "stream":
+        if cache_dir:
+            raise click.UsageError("--cache-dir is for --mode video (stream mode decodes each grid frame as it goes)")
+        return _stream(ckpt, windows, strides, data, split, target, json_path, batch_size, device, sampling, workers, debug)
+    if windows or strides:
+        raise click.UsageError("--window and --stride need --mode stream")
     from cmdcl.data.datasets import load_dataset
     from cmdcl.model import load_checkpoint
-    from cmdcl.output_files import atomic_write, check_outputs
+    from cmdcl.output_files import check_outputs
     from cmdcl.runtime.decode_pool import usable_cores
     from cmdcl.train.loop import evaluate, pick_device
     from cmdcl.train.metrics import format_report
@@ -46,13 +66,61 @@ def main(ckpt, data, split, target, json_path, batch_size, cache_dir, device, sa
                           workers=workers or usable_cores())
         report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
         if json_path:
-            with atomic_write(json_path) as tmp, open(tmp, "w") as f:
-                json.dump(report, f, indent=2)
+            _write_json(json_path, report)
     click.echo(format_report(report))
     if report["skipped"]:
         click.echo(f"warning: {len(report['skipped'])} of {len(dataset.entries)} videos could not be read and are not in these metrics",
                    err=True)
 
 
+def _stream(ckpt, windows, strides, data, split, target, json_path, batch_size, device, sampling, workers, debug):
+    from cmdcl.train.stream_eval import parse_configs
+
+    try:
+        configs = parse_configs(windows, strides)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    with cli_errors("cmdcl-eval", debug, expected=(*EXPECTED, ValueError)):
+        from cmdcl.data.datasets import load_dataset
+        from cmdcl.output_files import check_outputs
+        from cmdcl.runtime import Recognizer, load_backend
+        from cmdcl.runtime.decode_pool import usable_cores
+        from cmdcl.train.loop import pick_device
+        from cmdcl.train.stream_eval import evaluate_stream, format_stream_report
+
+        check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data)])
+        backend = load_backend(ckpt, "auto", pick_device(device).type)
+        dataset = load_dataset(data, split, backend.info.classes, target)
+        check_outputs([("--json", json_path)], [("a video of --data", e.path) for e in dataset.entries])
+
+        def recognizer(window, stride):  # every class in each record; the grid decoded as --sampling says
+            return Recognizer(backend, top_k=len(backend.info.classes), threshold=0.0, window=window, stride=stride, batch=batch_size,
+                              sampling=sampling, workers=workers or usable_cores(), keyframe_grid=sampling == "keyframe")
+
+        report = evaluate_stream(recognizer, dataset, configs, target)
+        report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
+        if json_path:
+            _write_json(json_path, report)
+    click.echo(format_stream_report(report))
+    for skipped in report["skipped"]:
+        click.echo(f"warning: {skipped['video']}: {skipped['error']} (left out)", err=True)
+
+
 if __name__ == "__main__":
     main()
+
+
+def _write_json(path, report: dict) -> None:
+    """The report as strict JSON, atomically: a metric with nothing to measure (mAP when no class has a positive
+    target) is NaN in Python and null in the file, since JSON has no NaN."""
+    from cmdcl.output_files import atomic_write
+
+    def strict(value):
+        if isinstance(value, float) and value != value:
+            return None
+        if isinstance(value, dict):
+            return {key: strict(item) for key, item in value.items()}
+        return [strict(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(strict(report), f, indent=2, allow_nan=False)
