@@ -36,6 +36,15 @@ def skew_priors(model, seed=0):
     return model
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a busy machine: intra-op threads only wait for each other (modules that train use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_model():
     """A small model in eval mode, with skewed priors."""

@@ -26,12 +26,7 @@ from conftest import small_config
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_recorded_sampling_survives_train_checkpoint_onnx_sidecar_and_runtime(tmp_path):

@@ -16,14 +16,7 @@ from cmdcl.train.loop import ABLATIONS, TrainOptions, evaluate, model_config, tr
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are too small to gain from intra-op threads, and on a
-    busy 2-core machine threads waiting for each other cost minutes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_synth(tmp_path_factory, train_videos: int, test_videos: int) -> dict:

@@ -19,14 +19,7 @@ from cmdcl.train import loop
 from cmdcl.train.loop import ResumeError, TrainOptions, evaluate, train
 from test_train import SIZE, make_synth
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy machine: intra-op threads only wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write(path, data):
