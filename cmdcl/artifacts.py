@@ -126,6 +126,11 @@ def window_scales(window, num_frames: int) -> tuple[float, ...]:
         raise ValueError(f"window: {scales[-1]:g} s at the grid of the {scales[0]:g} s window ({num_frames} frames) is "
                          f"{scales[-1] / scales[0] * num_frames:.0f} grid frames; at most {MAX_RING_FRAMES} (a longest window of at most "
                          f"{MAX_RING_FRAMES / num_frames * scales[0]:g} s)")
+    _, spans, _ = stream_grid(num_frames, scales, 1.0)
+    for shorter, longer, span, next_span in zip(scales, scales[1:], spans, spans[1:]):
+        if span == next_span:  # the same grid frames: the two lengths would give the same windows twice
+            raise ValueError(f"window: {shorter:g} s and {longer:g} s both span {span} grid frames of the {scales[0]:g} s window's "
+                             f"grid ({num_frames} frames); give lengths at least {scales[0] / num_frames:g} s apart")
     return scales
 
 

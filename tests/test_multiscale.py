@@ -34,7 +34,8 @@ def test_window_scales_sorted_unique_and_bounded():
     assert window_scales([1, 512], 8) == (1.0, 512.0)  # 4096 grid frames: the most the ring keeps
     for bad, message in [([], "1 to 8 different"), (list(range(1, 10)), "not 9"), ([8, float("nan")], "positive"),
                          ([8, -1], "positive"), ([8, float("inf")], "positive"), (["x"], "not a number"),
-                         ([1, 513], "4104 grid frames; at most 4096"), ([1e-5, 1], "too short")]:
+                         ([1, 513], "4104 grid frames; at most 4096"), ([1e-5, 1], "too short"),
+                         ([8, 8.01], "8 s and 8.01 s both span 8 grid frames")]:
         with pytest.raises(ValueError, match=message):
             window_scales(bad, 8)
 
