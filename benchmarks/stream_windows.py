@@ -16,14 +16,13 @@ JSON line each, appended to --jsonl with the machine and the command.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+from cmdcl.bench.measure import cpu_model
 from cmdcl.data.datasets import load_dataset
 from cmdcl.data.synth import generate
 from cmdcl.runtime import Recognizer, load_backend
@@ -37,15 +36,6 @@ def split(work: Path, name: str, videos: int) -> Path:
     """cmdcl-synth's split `name` (seed 0) under `work`, generated once."""
     manifest = work / name / "manifest.csv"
     return manifest if manifest.is_file() else generate(work / name, videos, seed=0, split=name, progress=True)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def clip_seconds(backend, work: Path) -> tuple[float, str]:
@@ -81,7 +71,7 @@ def main() -> None:
     report = evaluate_stream(recognizer, test, configs)
     # a configuration's recognizer is made just before its stream pass: the time to the next one's (or the end) is that pass
     marks = [timings[(c.window, c.stride)] for c in configs] + [time.perf_counter()]
-    machine = f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end (seconds are indicative)"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the end (seconds are indicative)"
     common = {"study": "stream-windows", "model": "cmdcl_tiny_synth.pt (ONNX Runtime CPU)", "split": f"synth {args.split}, seed 0",
               "videos": report["videos"], "skipped": len(report["skipped"]), "clip_seconds": round(d, 3), "clip_seconds_source": source,
               "video_top1": report["video_top1"], "machine": machine, "command": " ".join(["python", *sys.argv])}

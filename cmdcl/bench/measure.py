@@ -114,7 +114,7 @@ def _host_peak_mb(from_proc: bool) -> float:
 def machine_info(device: str, threads: int) -> dict:
     """What produced the figures: CPU, cores, threads used, GPU, driver, library versions, load."""
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": threads,
@@ -151,7 +151,8 @@ def _proc_value(path: str, key: str) -> str | None:
     return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
     return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 

@@ -18,7 +18,7 @@ Model stages run for each backend at each batch size B:
                     inside ONNX Runtime / TensorRT graphs it is not reachable alone)
     clip            Backend.classify_clips: the whole model on B clips of F frames
     end_to_end      Recognizer.predict_many: decode + classify B videos
-    end_to_end_workers  Recognizer.predict_many over a batch of WORKER_FILES videos, decoded in the main
+    end_to_end_workers  Recognizer.predict_many over max(WORKER_FILES, 4 per worker) videos, decoded in the main
                     process ("end_to_end_serial") and by N worker processes ("end_to_end_parallel"),
                     with the pipeline's efficiency (see measure_workers)
     stream_update   Recognizer.stream_many over B streams: one window update (decoding
@@ -53,7 +53,7 @@ from . import videos
 from .measure import PeakMemory, time_steps
 from .report import pipeline_efficiency
 from .variants import TimedBackend, intervention_call
-from .videos import first_frames, video_label
+from .videos import clip_duration, first_frames, video_label
 
 if TYPE_CHECKING:
     from .runner import Bench
@@ -62,8 +62,8 @@ LONG_ITERS = 3  # a sequential pass over 10 minutes of 720p takes tens of second
 STREAM_GRID_RATE, STREAM_GRID_SECONDS, STREAM_GRID_GOPS = 1.0, 60.0, (1, 2)  # stream_grid: grid frames per second, video length, GOPs (s)
 STREAM_GRID_ITERS = 3  # stream_grid runs per decoding mode and GOP (each reads the whole video)
 SCALE_ROUNDS = 3  # stream_scales: runs of each scale count, alternating (the timed steps are split among them)
-WORKER_FILES = 16  # videos per end_to_end_workers call (at least 4 per worker)
-WORKER_ITERS = 3  # most end_to_end_workers calls per worker count (each decodes WORKER_FILES videos)
+WORKER_FILES = 16  # fewest videos per end_to_end_workers call (4 per worker when there are more workers)
+WORKER_ITERS = 3  # most end_to_end_workers calls per worker count (each decodes max(WORKER_FILES, 4 per worker) videos)
 
 
 class SkipStage(CmdclError):
@@ -172,14 +172,14 @@ def measure_clip(bench: Bench, t: ModelTarget) -> None:
 
 def measure_end_to_end(bench: Bench, t: ModelTarget) -> None:
     recognizer = Recognizer(t.backend, batch=t.batch, sampling=bench.s.sampling)
-    duration = read_clip(t.video, t.backend.info.num_frames, t.backend.info.image_size).duration
+    duration = clip_duration(t.video, t.backend.info.num_frames, t.backend.info.image_size)
     bench.measure(t.label, "end_to_end", t.batch, lambda: list(recognizer.predict_many([t.video] * t.batch)), clips=t.batch,
                   video_seconds=t.batch * duration, engine=t.engine,
                   note=f"decode ({bench.s.sampling} sampling) + classify, {video_label(t.video)}")
 
 
 def measure_workers(bench: Bench, t: ModelTarget) -> None:
-    """Recognizer.predict_many over WORKER_FILES copies of the bench video (model batch B), decoded in
+    """Recognizer.predict_many over max(WORKER_FILES, 4 per worker) copies of the bench video (model batch B), decoded in
     this process (1 worker: "end_to_end_serial") and by N worker processes ("end_to_end_parallel"), the two
     alternating so that both see the same machine. The parallel record carries the pipeline's efficiency
     (report.pipeline_efficiency). Host memory is this process's (not the workers')."""
@@ -199,7 +199,7 @@ def measure_workers(bench: Bench, t: ModelTarget) -> None:
                     wall[stage].append((time.perf_counter() - started) * 1e3)
                     model[stage].append((timed.seconds - before) * 1e3)
                 tops[stage] = [record.get("top", record.get("error")) for record in records]
-    duration = read_clip(t.video, t.backend.info.num_frames, t.backend.info.image_size).duration
+    duration = clip_duration(t.video, t.backend.info.num_frames, t.backend.info.image_size)
     identical = tops.get("end_to_end_parallel", tops["end_to_end_serial"]) == tops["end_to_end_serial"]
     added = {}
     for stage, workers in counts.items():
@@ -221,19 +221,10 @@ def measure_stream(bench: Bench, t: ModelTarget) -> None:
     ("stream_update": decoding the new grid frames, encoding them, the head) and the time spent in the
     backend ("stream_update_model": the model work the token cache leaves). The first window, which fills
     the ring buffer, and `warmup` updates are dropped."""
-    timed = TimedBackend(t.backend)
-    recognizer = Recognizer(timed, stride=bench.stride_seconds)
-    wall, model, windows = [], [], 0
+    recognizer = Recognizer(TimedBackend(t.backend), stride=bench.stride_seconds)
     with PeakMemory(bench.cuda) as memory:
-        last_wall, last_model = time.perf_counter(), 0.0
-        for record in recognizer.stream_many([t.video] * t.batch):
-            windows += "window" in record
-            if "window" not in record or windows % t.batch:  # wait until every stream produced this window
-                continue
-            now = time.perf_counter()
-            wall.append((now - last_wall) * 1e3)
-            model.append((timed.seconds - last_model) * 1e3)
-            last_wall, last_model = now, timed.seconds
+        steps = stride_steps(recognizer, [t.video] * t.batch)
+    wall, model = [w for w, _ in steps], [m for _, m in steps]
     skip = 1 + bench.s.warmup
     if len(wall) <= skip:
         raise SkipStage(f"{t.video} is too short for {skip + 1} windows at stride {bench.stride_seconds:g} s")

@@ -6,9 +6,10 @@ so a test pattern stands in for real footage; --video / --long-video replace it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from ..data.video import open_video
+from ..data.video import open_video, read_clip
 from ..runtime.backends import cache_dir
 
 VIDEO_SIZE, VIDEO_RATE = (1280, 720), 30
@@ -72,8 +73,15 @@ def first_frames(video: Path, count: int) -> list:
     return [frames[i % len(frames)] for i in range(count)]
 
 
+@functools.cache
 def video_label(path: Path) -> str:
-    """'name 1280x720 h264': the video a record was measured on, for its note."""
+    """'name 1280x720 h264': the video a record was measured on, for its note (read once per run)."""
     container, stream = open_video(path)
     with container:
         return f"{Path(path).name} {stream.codec_context.width}x{stream.codec_context.height} {stream.codec_context.name}"
+
+
+@functools.cache
+def clip_duration(path: Path, num_frames: int, image_size: int) -> float:
+    """The seconds `read_clip` spans in the bench video: decoded once per run, not once per backend and batch."""
+    return read_clip(path, num_frames, image_size).duration

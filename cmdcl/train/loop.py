@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import MAX_GRID_RATE
+from ..artifacts import MAX_GRID_RATE, default_sampling
 from ..data.datasets import load_dataset
 from ..data.manifest import ManifestError, VideoDataset, VideoEntry
 from ..errors import CmdclError, describe, first_line
@@ -233,8 +233,8 @@ def training_sampling(dataset: VideoDataset, num_frames: int, warn) -> dict | No
         source += f" ({median:.4g} s, clamped)"
         warn(f"{dataset.source}: the training videos' median duration {median:.4g} s is outside what a stream window of "
              f"{num_frames} frames may span; recording {seconds:g} s")
-    return {"num_frames": num_frames, "video": "uniform", "window_seconds": seconds, "stream_fps": num_frames / seconds,
-            "stride_frames": max(1, num_frames // 2), "clip_seconds": seconds, "source": source}
+    return {**default_sampling(num_frames), "window_seconds": seconds, "stream_fps": num_frames / seconds, "clip_seconds": seconds,
+            "source": source}
 
 
 # ---- model ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ every figure and listed under "skipped".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -117,11 +118,11 @@ def evaluate_stream(make_recognizer, dataset: VideoDataset, configs: list[Stream
     if not kept:
         raise ValueError(f"{dataset.source}: no video could be read in both video and stream mode")
 
-    def video_targets(path):
-        entry = entries[path]
+    def targets(path, start: float = -math.inf, end: float = math.inf):
+        """What a clip of `path` spanning [start, end] (the whole video by default) is scored against."""
         if target == "label":
-            return entry.labels[0]
-        return _hot(sorted({index[s.name] for s in entry.segments}), len(classes))
+            return entries[path].labels[0]
+        return _hot(overlapping(entries[path], start, end, index), len(classes))
 
     def metric(scores: list[np.ndarray], targets: list) -> float:
         scores_t = torch.from_numpy(np.stack(scores))
@@ -130,7 +131,7 @@ def evaluate_stream(make_recognizer, dataset: VideoDataset, configs: list[Stream
         return mean_average_precision(scores_t, torch.from_numpy(np.stack(targets)))[0]
 
     name = "top1" if target == "label" else "mAP"
-    vid_targets = [video_targets(p) for p in kept]
+    vid_targets = [targets(p) for p in kept]
     video_top = np.stack([videos[p] for p in kept]).argmax(axis=1)
     report = {"mode": "stream", "target": target, "videos": len(kept), "classes": len(classes), "metric": name,
               f"video_{name}": metric([videos[p] for p in kept], vid_targets), "configs": []}
@@ -139,8 +140,7 @@ def evaluate_stream(make_recognizer, dataset: VideoDataset, configs: list[Stream
         for p in kept:
             for start, end, scores in windows.get(p, []):
                 window_scores.append(scores)
-                window_targets.append(entries[p].labels[0] if target == "label" else
-                                      _hot(overlapping(entries[p], start, end, index), len(classes)))
+                window_targets.append(targets(p, start, end))
         summary_top = np.stack([summaries[p] for p in kept]).argmax(axis=1)
         report["configs"].append({
             "window": recognizer.window, "stride": recognizer.stride, "windows": len(window_scores),
