@@ -325,3 +325,12 @@ def test_workers_die_with_a_run_killed_by_sigkill(clips, tiny_checkpoint, tmp_pa
     finally:
         os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
     assert stderr == b""
+
+
+def test_the_default_worker_count_is_one_per_core_up_to_the_limit(monkeypatch):
+    from cmdcl.runtime import decode_pool
+
+    monkeypatch.setattr(decode_pool, "usable_cores", lambda: 3)
+    assert decode_pool.default_workers() == 3
+    monkeypatch.setattr(decode_pool, "usable_cores", lambda: 200)  # a big machine: not an error, the most allowed
+    assert decode_pool.default_workers() == decode_pool.MAX_WORKERS == decode_pool.check_workers(decode_pool.default_workers())

@@ -47,7 +47,7 @@ import numpy as np
 from ..data.video import SAMPLINGS, frame_to_rgb, iter_grid_frames, read_clip
 from ..errors import CmdclError
 from ..runtime.backends import Backend, ModelInfo
-from ..runtime.decode_pool import usable_cores
+from ..runtime.decode_pool import default_workers
 from ..runtime.recognizer import Recognizer
 from . import videos
 from .measure import PeakMemory, time_steps
@@ -184,7 +184,7 @@ def measure_workers(bench: Bench, t: ModelTarget) -> None:
     alternating so that both see the same machine. The parallel record carries the pipeline's efficiency
     (report.pipeline_efficiency). Host memory is this process's (not the workers')."""
     s = bench.s
-    n = s.workers or usable_cores()
+    n = s.workers or default_workers()
     timed = TimedBackend(t.backend)
     files = [t.video] * max(WORKER_FILES, 4 * n)
     counts = {"end_to_end_serial": 1, "end_to_end_parallel": n} if n > 1 else {"end_to_end_serial": 1}

@@ -43,71 +43,68 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
     summary's top-1 and how often the summary agrees with video mode; with
     --target segments (a model whose classes are the segment labels, e.g.
     atomic actions), mAP of each window against the segments it overlaps."""
+    from cmdcl.train.stream_eval import parse_configs
+
     if mode == "stream":
         if cache_dir:
             raise click.UsageError("--cache-dir is for --mode video (stream mode decodes each grid frame as it goes)")
-        return _stream(ckpt, windows, strides, data, split, target, json_path, batch_size, device, sampling, workers, debug)
-    if windows or strides:
+        try:
+            configs = parse_configs(windows, strides)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    elif windows or strides:
         raise click.UsageError("--window and --stride need --mode stream")
-    from cmdcl.data.datasets import load_dataset
-    from cmdcl.model import load_checkpoint
-    from cmdcl.output_files import check_outputs
-    from cmdcl.runtime.decode_pool import usable_cores
-    from cmdcl.train.loop import evaluate, pick_device
-    from cmdcl.train.metrics import format_report
-
     # ValueError: the data checks of cmdcl.train (classes that differ from the model's, no video readable, ...)
-    with cli_errors("cmdcl-eval", debug, expected=(*EXPECTED, ValueError)):
-        check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data)])
-        model = load_checkpoint(ckpt)
-        dataset = load_dataset(data, split, model.class_names, target)
-        check_outputs([("--json", json_path)], [("a video of --data", e.path) for e in dataset.entries])
-        report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True, sampling=sampling,
-                          workers=workers or usable_cores())
-        report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
-        if json_path:
-            _write_json(json_path, report)
-    click.echo(format_report(report))
-    if report["skipped"]:
-        click.echo(f"warning: {len(report['skipped'])} of {len(dataset.entries)} videos could not be read and are not in these metrics",
-                   err=True)
-
-
-def _stream(ckpt, windows, strides, data, split, target, json_path, batch_size, device, sampling, workers, debug):
-    from cmdcl.train.stream_eval import parse_configs
-
-    try:
-        configs = parse_configs(windows, strides)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
     with cli_errors("cmdcl-eval", debug, expected=(*EXPECTED, ValueError)):
         from cmdcl.data.datasets import load_dataset
         from cmdcl.output_files import check_outputs
-        from cmdcl.runtime import Recognizer, load_backend
-        from cmdcl.runtime.decode_pool import usable_cores
+        from cmdcl.runtime.decode_pool import default_workers
         from cmdcl.train.loop import pick_device
-        from cmdcl.train.stream_eval import evaluate_stream, format_stream_report
 
         check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data)])
-        backend = load_backend(ckpt, "auto", pick_device(device).type)
-        dataset = load_dataset(data, split, backend.info.classes, target)
+        if mode == "stream":
+            from cmdcl.runtime import Recognizer, load_backend
+            from cmdcl.train.stream_eval import evaluate_stream
+
+            backend = load_backend(ckpt, "auto", pick_device(device).type)
+            classes = backend.info.classes
+        else:
+            from cmdcl.model import load_checkpoint
+            from cmdcl.train.loop import evaluate
+
+            model = load_checkpoint(ckpt)
+            classes = model.class_names
+        dataset = load_dataset(data, split, classes, target)
         check_outputs([("--json", json_path)], [("a video of --data", e.path) for e in dataset.entries])
+        workers = workers or default_workers()
+        if mode == "stream":
+            def recognizer(window, stride):  # every class in each record; the grid decoded as --sampling says
+                return Recognizer(backend, top_k=len(classes), threshold=0.0, window=window, stride=stride, batch=batch_size,
+                                  sampling=sampling, workers=workers, keyframe_grid=sampling == "keyframe")
 
-        def recognizer(window, stride):  # every class in each record; the grid decoded as --sampling says
-            return Recognizer(backend, top_k=len(backend.info.classes), threshold=0.0, window=window, stride=stride, batch=batch_size,
-                              sampling=sampling, workers=workers or usable_cores(), keyframe_grid=sampling == "keyframe")
-
-        report = evaluate_stream(recognizer, dataset, configs, target)
+            report = evaluate_stream(recognizer, dataset, configs, target)
+        else:
+            report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True, sampling=sampling,
+                              workers=workers)
         report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
         if json_path:
             _write_json(json_path, report)
-    click.echo(format_stream_report(report))
-    for skipped in report["skipped"]:
-        click.echo(f"warning: {skipped['video']}: {skipped['error']} (left out)", err=True)
+    _print_report(report, mode, len(dataset.entries))
 
 
-if __name__ == "__main__":
-    main()
+def _print_report(report: dict, mode: str, videos: int) -> None:
+    """The table on stdout; the videos left out on stderr."""
+    from cmdcl.train.metrics import format_report
+    from cmdcl.train.stream_eval import format_stream_report
+
+    if mode == "stream":
+        click.echo(format_stream_report(report))
+        for skipped in report["skipped"]:
+            click.echo(f"warning: {skipped['video']}: {skipped['error']} (left out)", err=True)
+    else:
+        click.echo(format_report(report))
+        if report["skipped"]:
+            click.echo(f"warning: {len(report['skipped'])} of {videos} videos could not be read and are not in these metrics", err=True)
 
 
 def _write_json(path, report: dict) -> None:
@@ -124,3 +121,7 @@ def _write_json(path, report: dict) -> None:
 
     with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(strict(report), f, indent=2, allow_nan=False)
+
+
+if __name__ == "__main__":
+    main()

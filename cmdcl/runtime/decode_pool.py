@@ -48,6 +48,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_workers() -> int:
+    """One decoding process per usable core, at most MAX_WORKERS."""
+    return min(usable_cores(), MAX_WORKERS)
+
+
 def check_workers(workers: int) -> int:
     """`workers`, or ValueError when it is not between 1 and MAX_WORKERS."""
     if not 1 <= workers <= MAX_WORKERS:

@@ -60,7 +60,7 @@ from ..data.video import (
     read_clip,
 )
 from .backends import Backend, load_backend
-from .decode_pool import Failure, check_workers, decoded_in_order, usable_cores
+from .decode_pool import Failure, check_workers, decoded_in_order, default_workers
 from .stream_readers import StreamReader
 
 ENCODER_BATCH = 64  # most frames per frame-encoder call
@@ -127,7 +127,7 @@ class Recognizer:
         self.reconnect = reconnect or Reconnect()
         self.timeout, self.debug = timeout, debug
         self.keyframe_grid = keyframe_grid
-        self.workers = usable_cores() if workers is None else check_workers(workers)
+        self.workers = default_workers() if workers is None else check_workers(workers)
         self.sampling = sampling
 
     def _unexpected(self, exc: Exception) -> str:
