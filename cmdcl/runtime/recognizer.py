@@ -42,6 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -231,9 +232,10 @@ class Recognizer:
                     stream.pending.clear()
                 due = [(s, k) for s in active for k in s.due_scales(self.stride_frames)]  # k: the scale's index
                 if due:
-                    logits = self.backend.classify_tokens(np.stack([s.window_tokens(k) for s, k in due]))
-                    for (stream, k), probabilities in zip(due, self.backend.probabilities(logits)):
-                        yield stream.window_record(k, probabilities, self.top(probabilities), step)
+                    windows = [s.window(k) for s, k in due]
+                    logits = self.backend.classify_tokens(np.stack([np.stack([token for _, token in w]) for w in windows]))
+                    for (stream, k), window, probabilities in zip(due, windows, self.backend.probabilities(logits)):
+                        yield stream.window_record(k, window, probabilities, self.top(probabilities), step)
                 ended = [s for s in active if s.ended]
                 for stream in ended:
                     yield from stream.summaries(self.top, step)
@@ -326,22 +328,19 @@ class _Stream:
         self.pending.append(item)
         self.last_time = item.t
 
-    def _window(self, k: int) -> list:
+    def window(self, k: int) -> list:
         """Scale k's window: the (GridItem, tokens) at `window_positions` of its span, the last frames of the ring buffer
-        (all of them in a part shorter than the span)."""
-        ring = list(self.tokens)[-self.spans[k]:]
-        return [ring[i] for i in window_positions(self.num_frames, len(ring))]
+        (all of them in a part shorter than the span). Reads only the span, not the whole ring."""
+        span = list(islice(reversed(self.tokens), self.spans[k]))[::-1]
+        return [span[i] for i in window_positions(self.num_frames, len(span))]
 
-    def window_tokens(self, k: int) -> np.ndarray:
-        return np.stack([token for _, token in self._window(k)])
-
-    def window_record(self, k: int, probabilities: np.ndarray, top: list, step: float) -> dict:
-        """Scale k's window record, from the first to the last grid frame of its span; "latency_s" runs from its
-        last frame's arrival from the reader to now."""
+    def window_record(self, k: int, window: list, probabilities: np.ndarray, top: list, step: float) -> dict:
+        """Scale k's record of `window` (see `window`), from the first to the last grid frame of its span; "latency_s"
+        runs from its last frame's arrival from the reader to now."""
         first, last = self.tokens[-min(self.spans[k], len(self.tokens))][0], self.tokens[-1][0]
         record = {"video": self.source, "start": round(first.t, 3), "end": round(last.t + step, 3), "scale": self.scales[k],
                   "top": top, "window": self.windows[k],
-                  "decode": "keyframes" if all(item.decode == "keyframes" for item, _ in self._window(k)) else "all",
+                  "decode": "keyframes" if all(item.decode == "keyframes" for item, _ in window) else "all",
                   "dropped": self.dropped_total - self.dropped_before[k], "latency_s": round(time.monotonic() - last.arrival, 3)}
         if self.gap_unreported[k]:
             record["gap_before"], self.gap_unreported[k] = self.gap_before, False
