@@ -93,7 +93,12 @@ def read_sidecar(engine_path: str | Path) -> dict:
 def default_sampling(num_frames: int) -> dict:
     """How stream mode samples a model of `num_frames` frames when its checkpoint records nothing else."""
     return {"num_frames": num_frames, "video": "uniform", "stream_fps": DEFAULT_STREAM_FPS,
-            "window_seconds": num_frames / DEFAULT_STREAM_FPS, "stride_frames": max(1, num_frames // 2)}
+            "window_seconds": num_frames / DEFAULT_STREAM_FPS, "stride_frames": default_stride_frames(num_frames)}
+
+
+def default_stride_frames(num_frames: int) -> int:
+    """Windows overlapping by half."""
+    return max(1, num_frames // 2)
 
 
 def window_seconds(sampling: dict, num_frames: int) -> float:
@@ -104,7 +109,7 @@ def window_seconds(sampling: dict, num_frames: int) -> float:
 
 def stride_frames(sampling: dict, num_frames: int) -> int:
     """A recorded sampling's step between windows, in grid frames; an absent field takes its default."""
-    return int(sampling.get("stride_frames", default_sampling(num_frames)["stride_frames"]))
+    return int(sampling.get("stride_frames", default_stride_frames(num_frames)))
 
 
 def window_scales(window, num_frames: int) -> tuple[float, ...]:
@@ -140,6 +145,7 @@ def window_positions(num_frames: int, span: int) -> list[int]:
     shorter than a window) some repeat. cmdcl/serve/triton_bls.py mirrors this rule (it runs inside Triton without cmdcl
     installed); a test pins both to the same values."""
     return [(2 * j + 1) * span // (2 * num_frames) for j in range(num_frames)]
+
 
 def stream_grid(num_frames: int, scales: tuple[float, ...], stride_seconds: float) -> tuple[float, tuple[int, ...], int]:
     """Stream mode's grid for `window_scales(...)` and a stride in seconds: (grid frames per second, the grid frames

@@ -94,11 +94,11 @@ def in_place(path) -> bool:
         return False
 
 
-def temporary_path(path, tag: str = "tmp") -> Path:
+def temporary_path(path) -> Path:
     """A new, hidden, empty file next to `path` (its target, for a symlink) that keeps its suffix (writers that
     pick the format by suffix, such as PyAV and matplotlib, still do), with the mode `path` has or a new file gets."""
     path = real_path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{tag}{path.suffix}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     os.chmod(name, _mode(path))
     return Path(name)

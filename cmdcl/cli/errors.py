@@ -22,6 +22,8 @@ import click
 from ..errors import CmdclError, ExitCode, describe
 
 EXPECTED = (CmdclError, OSError, ImportError)  # a bad file, a missing extra; anything else is marked unexpected
+# and the plain ValueErrors of the data, training and synthesis code (bad manifests, classes, sizes): one line too
+WITH_DATA_ERRORS = (*EXPECTED, ValueError)
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .errors import EXPECTED, cli_errors
+from .errors import WITH_DATA_ERRORS, cli_errors
 from .options import seconds_list
 
 
@@ -55,7 +55,7 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
     elif windows or strides:
         raise click.UsageError("--window and --stride need --mode stream")
     # ValueError: the data checks of cmdcl.train (classes that differ from the model's, no video readable, ...)
-    with cli_errors("cmdcl-eval", debug, expected=(*EXPECTED, ValueError)):
+    with cli_errors("cmdcl-eval", debug, expected=WITH_DATA_ERRORS):
         from cmdcl.data.datasets import load_dataset
         from cmdcl.output_files import check_outputs
         from cmdcl.runtime.decode_pool import default_workers

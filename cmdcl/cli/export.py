@@ -98,7 +98,7 @@ def _stale_split_graphs(out: Path) -> list[Path]:
 def _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, stale) -> None:
     """Before anything loads or is written: no output is an input or another output, each can be written,
     and none lies in a model directory that writing the Triton repository replaces."""
-    from cmdcl.artifacts import GRAPH_ROLES, graph_path, sidecar_path
+    from cmdcl.artifacts import sidecar_path
     from cmdcl.export.onnx_export import output_paths
     from cmdcl.output_files import check_outputs
     from cmdcl.serve.triton_repo import check_triton_repo
@@ -106,7 +106,7 @@ def _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, sta
     inputs = [("--ckpt", ckpt), ("--video", video)]
     outputs = [("--out" if role == "full" else f"--out's {role} graph", path) for role, path in output_paths(out, split).items()]
     if engine:
-        engines = [graph_path(engine, role) for role in (GRAPH_ROLES if split else ("full",))]
+        engines = list(output_paths(engine, split).values())  # the engines are named as the graphs are
         outputs += [(f"--engine{'' if path == engine else ' (split graph)'}", path) for path in engines]
         outputs += [("--engine's sidecar", sidecar_path(path)) for path in engines]
     outputs += [("--timing-cache", timing_cache), *[("the stale split graph", path) for path in stale]]
@@ -123,6 +123,7 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
     from tqdm import tqdm
 
     from cmdcl.export import export_onnx
+    from cmdcl.export.onnx_export import output_paths
     from cmdcl.export.verify import VerificationError, verify_export
     from cmdcl.model import load_checkpoint
     from cmdcl.output_files import move_into_place, temporary_dir
@@ -154,9 +155,10 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
                     checks, notes = verify_export(model, paths, precision, video=video)
                 except VerificationError as exc:  # a failed export leaves no file the runtime could pick up
                     raise VerificationError(f"{exc} (nothing written; --no-verify writes the files anyway)") from None
-            for path in paths.values():
-                move_into_place(path, out.with_name(path.name))
-        paths = {role: out.with_name(path.name) for role, path in paths.items()}
+            final = output_paths(out, split)
+            for role, path in paths.items():
+                move_into_place(path, final[role])
+        paths = final
         for path in stale:
             path.unlink()
         if engine:
@@ -178,10 +180,8 @@ def _export(ckpt, out, opset, precision, split, verify, video, engine, engine_pr
 
 def _build_engines(paths, engine, precision, max_batch, timing_cache) -> list:
     """The model's engine, plus the split graphs' engines next to it when they were exported."""
-    try:
-        from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, build_engines
-    except ImportError:
-        raise CmdclError("--engine: the TensorRT builder (cmdcl.export.tensorrt_build) is not available in this install") from None
+    from cmdcl.export.tensorrt_build import EngineBuildError, build_engine, build_engines
+
     options = dict(precision=precision, max_batch=max_batch, timing_cache=timing_cache)
     try:
         if "head" in paths:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EXPECTED, cli_errors
+from .errors import WITH_DATA_ERRORS, cli_errors
 
 
 @click.command(context_settings={"show_default": True})
@@ -24,7 +24,7 @@ def main(out, videos, seed, split, size, fps, home_bias, debug):
     background confounder that correlates with the activity except in ood."""
     from cmdcl.data.synth import SynthConfig, generate
 
-    with cli_errors("cmdcl-synth", debug, expected=(*EXPECTED, ValueError)):  # ValueError: what cmdcl.data.synth refuses (an odd size)
+    with cli_errors("cmdcl-synth", debug, expected=WITH_DATA_ERRORS):  # ValueError: what cmdcl.data.synth refuses (an odd size)
         _check_out(Path(out), split, videos)
         manifest = generate(out, videos, seed, split, SynthConfig(size=size, fps=fps, home_bias=home_bias), progress=True)
     click.echo(f"wrote {videos} videos and {manifest}")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import EXPECTED, cli_errors
+from .errors import WITH_DATA_ERRORS, cli_errors
 
 
 @click.command(context_settings={"show_default": True})
@@ -54,7 +54,7 @@ def main(preset_name, val_data, debug, **options):
         return f"; {options['out']} and its .resume file keep the last completed epoch, if any (continue with --resume)"
 
     # ValueError: the option and data checks of cmdcl.train (a batch larger than the data, a missing --clip-weights, ...)
-    with cli_errors("cmdcl-train", debug, expected=(*EXPECTED, ValueError), interrupted=kept):
+    with cli_errors("cmdcl-train", debug, expected=WITH_DATA_ERRORS, interrupted=kept):
         out = options["out"]  # before anything loads: the checkpoint and its resume state overwrite no input
         check_outputs([("--out", out), ("--out's resume state", out + ".resume")],
                       [("--data", options["data"]), ("--val", val_data), ("--classes", options["classes"]),

@@ -84,10 +84,10 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
         raise TritonRepoError("max batch, max frames, instance count and max sequences must be >= 1, queue delay >= 0")
     model_onnx, repo = Path(model_onnx), Path(repo)
     meta = _read(model_onnx)
-    sources = _engine_files(model_onnx, engine_format, engine, max_batch, max_frames)
+    sources = _engine_files(model_onnx, meta, engine_format, engine, max_batch, max_frames)
     check_triton_repo(repo, [("the model", model_onnx), *[(f"the {name} model", path) for name, path in sources.items()]])
     f = meta["num_frames"]
-    scales, spans, stride = _stream_grid(meta, windows, stride_frames)
+    scales, grid_rate, spans, stride = _stream_grid(meta, windows, stride_frames)
     labels = "".join(f"{name}\n" for name in meta["classes"])
     if any("\n" in name for name in meta["classes"]):
         raise TritonRepoError(f"{model_onnx}: a class name contains a newline; Triton's labels file is one per line")
@@ -99,7 +99,7 @@ def write_triton_repo(model_onnx, repo, engine_format: str = "onnx", engine=None
     tokens_in, heads_out = _io_tensors("head", meta)
     clips_in, _ = _io_tensors("full", meta)
     bls_parameters = _parameters(num_frames=f, frame_encoder_max_batch=max_frames, head_max_batch=max_batch)
-    stream_parameters = _parameters(stride_frames=stride, sequence_idle_us=SEQUENCE_IDLE_US, grid_fps=f / scales[0],
+    stream_parameters = _parameters(stride_frames=stride, sequence_idle_us=SEQUENCE_IDLE_US, grid_fps=grid_rate,
                                     window_seconds=",".join(map(repr, scales)), window_frames=",".join(map(str, spans)))
     logits_out = heads_out[0] if len(scales) == 1 else {**heads_out[0], "dims": [len(scales), *heads_out[0]["dims"]]}
     configs = {
@@ -216,10 +216,9 @@ def _read(path: Path) -> dict:
         raise TritonRepoError(str(exc)) from None
 
 
-def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
-    """frame_encoder / head model files to copy into the repository, checked."""
+def _engine_files(model_onnx: Path, model_meta: dict, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
+    """frame_encoder / head model files to copy into the repository, checked (`model_meta`: model_onnx's metadata)."""
     onnx_parts = {role: graph_path(model_onnx, role) for role in SPLIT_ROLES}
-    model_meta = _read(model_onnx)
     for role, path in onnx_parts.items():
         if not path.is_file():
             raise TritonRepoError(f"{path}: no such file (the repository needs the split graphs; export with --split)")
@@ -248,8 +247,9 @@ def _engine_files(model_onnx: Path, engine_format: str, engine, max_batch: int, 
     return plans
 
 
-def _stream_grid(meta: dict, windows, stride_frames: int | None) -> tuple[tuple, tuple, int]:
-    """The stream model's windows (seconds, ascending), the grid frames each spans, and the stride in grid frames,
+def _stream_grid(meta: dict, windows, stride_frames: int | None) -> tuple[tuple, float, tuple, int]:
+    """The stream model's windows (seconds, ascending), grid frames per second, the grid frames each spans, and the
+    stride in grid frames,
     derived as stream mode derives them (`Recognizer`: one grid of F frames per shortest window; the model's
     recorded window and stride in seconds unless given)."""
     from ..runtime import ModelInfo
@@ -259,11 +259,11 @@ def _stream_grid(meta: dict, windows, stride_frames: int | None) -> tuple[tuple,
         scales = window_scales(info.window_seconds if windows is None else windows, info.num_frames)
     except ValueError as exc:
         raise TritonRepoError(f"stream {exc}") from None
-    _, spans, stride = stream_grid(info.num_frames, scales, info.stride_seconds)
+    grid_rate, spans, stride = stream_grid(info.num_frames, scales, info.stride_seconds)
     stride = stride if stride_frames is None else stride_frames
     if stride < 1:
         raise TritonRepoError(f"stride frames must be >= 1, not {stride}")
-    return scales, spans, stride
+    return scales, grid_rate, spans, stride
 
 
 def _tensor(name: str, dtype: str, dims: list, **extra) -> dict:
