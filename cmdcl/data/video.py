@@ -178,6 +178,11 @@ def _cause(exc: Exception) -> str:
     return first_line(getattr(exc, "strerror", None) or exc)
 
 
+def _decode_error(path, exc: Exception) -> VideoError:
+    """A decoding failure after the scan: stalled (PyAV's timeout) or undecodable, with its cause."""
+    return VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_cause(exc)})")
+
+
 def declared_duration(container, stream) -> float | None:
     """The video stream's duration as the file declares it (seconds), if it does."""
     if stream.duration:
@@ -310,7 +315,7 @@ def _decode_targets(path, container, stream, targets: list, size: int, out: dict
             if wanted == len(targets):
                 break
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_cause(exc)})") from None
+        raise _decode_error(path, exc) from None
     if wanted < len(targets):
         raise VideoError(path, "undecodable: the decoder returned fewer frames than the file holds")
     return decoded
@@ -440,7 +445,7 @@ def _decode_keyframes(path, timeout, keyframes: list, size: int, out: dict) -> i
             if wanted:
                 raise VideoError(path, "undecodable: keyframes found by the packet scan are missing on a second read")
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(path, f"{'stalled' if isinstance(exc, av.error.ExitError) else 'undecodable'} ({_cause(exc)})") from None
+        raise _decode_error(path, exc) from None
     return decoded
 
 
@@ -565,7 +570,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     grid_index, failures, run = 0, [], 0  # failures: clock times of reconnects without progress; run: in a row, for the back-off
     held = held_rgb = held_t = held_clock = None  # the frame on screen, its RGB once converted, its time, when it came
     held_nearest = False  # the held frame is a keyframe decoded keyframes-only
-    first, last_pts, shift = None, None, 0.0  # shift: seconds added to pts times (backward jumps, endless reconnects)
+    first, shift = None, 0.0  # shift: seconds added to pts times (backward jumps, endless reconnects)
 
     def back_off(progress: bool, reason: str) -> None:
         nonlocal run
@@ -602,7 +607,8 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
             gate = _KeyframeGate(stream.codec_context, tb, 1 / rate, keyframes)
             if endless:  # a new connection, new pts: its first frame comes as long after the held one as the source was away
                 first, shift = None, (held_t + time.monotonic() - held_clock if held is not None else 0.0)
-            resume_after, progress, dropped = last_pts, False, None  # a reopened file skips frames up to the last one read
+            resume_after = held.pts if held is not None else None  # a reopened file skips frames up to the last one read
+            progress, dropped = False, None
             try:
                 for packet in container.demux(stream):
                     for frame, nearest in gate.decode(packet):
@@ -619,7 +625,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
                             grid_index = max(grid_index, math.ceil(t * rate - 1e-6))
                         if held is not None:  # keyframes: the earlier one up to half way to the next
                             yield from show_held((held_t + t) / 2 if nearest else t, inclusive=nearest)
-                        held, held_rgb, held_t, held_clock, last_pts, held_nearest = frame, None, t, time.monotonic(), frame.pts, nearest
+                        held, held_rgb, held_t, held_clock, held_nearest = frame, None, t, time.monotonic(), nearest
                         yield from show_held(t, inclusive=False)  # keyframes: the later one from half way on
                 if endless:
                     dropped = "the stream ended"

@@ -134,6 +134,21 @@ class Backend:
     def graph_path(self, role: GraphRole) -> Path:
         return graph_path(self.path, role)
 
+    def checked_graph_path(self, role: GraphRole, read_meta, missing: str) -> Path:
+        """`role`'s file, checked before it loads: it exists (else BackendError saying `missing`) and a split graph
+        comes from the same export as the model (`read_meta(path)` reads its metadata; self.meta is the model's)."""
+        from ..export.metadata import ModelFileError, check_same_export
+
+        path = self.graph_path(role)
+        if not path.exists():
+            raise BackendError(f"{path}: no such file ({missing})")
+        if role != "full":
+            try:
+                check_same_export(self.path, self.meta, path, read_meta(path), role)
+            except ModelFileError as exc:
+                raise BackendError(str(exc)) from None
+        return path
+
     def io(self, role: GraphRole) -> tuple[dict, dict]:
         """(inputs, outputs) of a graph: name -> (dtype, shape), None for the dynamic batch axis."""
         return self.info.io(role)
@@ -243,16 +258,9 @@ class OrtBackend(Backend):
         if role not in self.sessions:
             import onnxruntime as ort
 
-            from ..export.metadata import ModelFileError, check_same_export, read_metadata
+            from ..export.metadata import read_metadata
 
-            path = self.graph_path(role)
-            if not path.exists():
-                raise BackendError(f"{path}: no such file (stream mode needs the split graphs; export with split=True)")
-            if role != "full":
-                try:
-                    check_same_export(self.path, self.meta, path, read_metadata(path), role)
-                except ModelFileError as exc:
-                    raise BackendError(str(exc)) from None
+            path = self.checked_graph_path(role, read_metadata, "stream mode needs the split graphs; export with split=True")
             options = ort.SessionOptions()
             options.log_severity_level = 3
             if self.threads:
@@ -311,16 +319,7 @@ class TensorRTBackend(Backend):
 
     def engine(self, role: GraphRole):
         if role not in self.engines:
-            from ..export.metadata import ModelFileError, check_same_export
-
-            path = self.graph_path(role)
-            if not path.exists():
-                raise BackendError(f"{path}: no such file (stream mode needs the split engines; cmdcl-build makes them)")
-            if role != "full":
-                try:
-                    check_same_export(self.path, self.meta, path, self.sidecar_metadata(path), role)
-                except ModelFileError as exc:
-                    raise BackendError(str(exc)) from None
+            path = self.checked_graph_path(role, self.sidecar_metadata, "stream mode needs the split engines; cmdcl-build makes them")
             engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"{path}: TensorRT could not deserialise the engine (built by another TensorRT version or GPU?)")

@@ -29,6 +29,7 @@ else in the repository.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -209,11 +210,18 @@ def _swap_in(new: Path, target: Path, old: Path) -> None:
         raise TritonRepoError(f"{target}: cannot swap in the new model ({exc.strerror or exc})") from None
 
 
-def _read(path: Path) -> dict:
+@contextlib.contextmanager
+def _as_repo_error():
+    """A model file's problem (ModelFileError) is the repository's: the same line, as a TritonRepoError."""
     try:
-        return read_metadata(path)
+        yield
     except ModelFileError as exc:
         raise TritonRepoError(str(exc)) from None
+
+
+def _read(path: Path) -> dict:
+    with _as_repo_error():
+        return read_metadata(path)
 
 
 def _engine_files(model_onnx: Path, model_meta: dict, engine_format: str, engine, max_batch: int, max_frames: int) -> dict:
@@ -222,10 +230,8 @@ def _engine_files(model_onnx: Path, model_meta: dict, engine_format: str, engine
     for role, path in onnx_parts.items():
         if not path.is_file():
             raise TritonRepoError(f"{path}: no such file (the repository needs the split graphs; export with --split)")
-        try:  # a split graph left from another export would serve another model than the clip model
+        with _as_repo_error():  # a split graph left from another export would serve another model than the clip model
             check_same_export(model_onnx, model_meta, path, _read(path), role)
-        except ModelFileError as exc:
-            raise TritonRepoError(str(exc)) from None
     if engine_format == "onnx":
         return onnx_parts
     if engine is None:
@@ -235,10 +241,8 @@ def _engine_files(model_onnx: Path, model_meta: dict, engine_format: str, engine
         plan = graph_path(engine, role)
         if not plan.is_file():
             raise TritonRepoError(f"{plan}: no such file (cmdcl-build writes it next to {Path(engine).name})")
-        try:
+        with _as_repo_error():
             profile = read_sidecar(plan)["batch_profile"]["max"]
-        except ModelFileError as exc:
-            raise TritonRepoError(str(exc)) from None
         wanted = max_frames if role == "frame_encoder" else max_batch
         if wanted > profile:
             raise TritonRepoError(f"{plan}: its optimisation profile allows batch {profile}, the repository asks for "
@@ -385,10 +389,8 @@ def _check_tensors(path: Path, model_file: Path, fmt: str, role: str, inputs: di
     if fmt == "onnx":
         meta = _read(model_file)
     else:
-        try:
+        with _as_repo_error():
             meta = read_sidecar(model_file)["metadata"]
-        except ModelFileError as exc:
-            raise TritonRepoError(str(exc)) from None
     if meta["graph_role"] != role:
         raise TritonRepoError(f"{model_file}: is a {meta['graph_role']} graph, the config says {role}")
     for kind, found, tensors in zip(("input", "output"), (inputs, outputs), _io_tensors(role, meta)):
