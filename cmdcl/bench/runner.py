@@ -145,8 +145,10 @@ class Bench:
         grid_rate, _, model_stride = stream_grid(info.num_frames, (info.window_seconds,), info.stride_seconds)
         stride_frames = s.stride_frames or model_stride
         self.stride_seconds = stride_frames / grid_rate
-        video = bench_video(s, info, stride_frames, self.log) if BENCH_VIDEO_STAGES & set(s.stages) else None
-        inputs = VideoInputs(info, video, s, self.log)
+        # long enough for the stream updates asked for: the first window, then warm-up, timed and one spare update
+        seconds = (info.num_frames + (s.warmup + s.iters + 1) * stride_frames) / grid_rate + 1
+        video = bench_video(s, seconds, self.log) if BENCH_VIDEO_STAGES & set(s.stages) else None
+        inputs = VideoInputs(info, grid_rate, video, s, self.log)
         for stage, measure in VIDEO_STAGES.items():
             if stage in s.stages:
                 measure(self, inputs)

@@ -71,10 +71,11 @@ class SkipStage(CmdclError):
 
 
 class VideoInputs:
-    """What the video stages read: the first model's clip shape and the bench video; the long video is made on first use."""
+    """What the video stages read: the first model's clip shape and stream grid (frames per second), and the bench
+    video; the long video is made on first use."""
 
-    def __init__(self, info: ModelInfo, video: Path | None, settings, log):
-        self.info, self.video, self._settings, self._log = info, video, settings, log
+    def __init__(self, info: ModelInfo, grid_rate: float, video: Path | None, settings, log):
+        self.info, self.grid_rate, self.video, self._settings, self._log = info, grid_rate, video, settings, log
 
     @cached_property
     def long_video(self) -> Path:
@@ -102,7 +103,7 @@ def measure_decode_video(bench: Bench, v: VideoInputs) -> None:
 
 
 def measure_decode_stream(bench: Bench, v: VideoInputs) -> None:
-    grid_rate = v.info.num_frames / v.info.window_seconds
+    grid_rate = v.grid_rate
     with PeakMemory() as memory:
         times = time_steps(iter_grid_frames(v.video, grid_rate, v.info.image_size), skip=bench.s.warmup)
     bench.add("pyav", "decode_stream", 1, times, memory, "frames/s", 1, 1 / grid_rate,
@@ -250,7 +251,7 @@ def measure_stream_scales(bench: Bench, t: ModelTarget) -> None:
     rounds = min(SCALE_ROUNDS, bench.s.iters)
     per_run = -(-bench.s.iters // rounds)
     seconds = (spans[0] + (skip + per_run + 1) * step_frames) / runs[3].grid_rate + 1
-    video = bench.s.video or videos.synthetic_video(seconds, videos.BENCH_GOP_SECONDS, bench.log)
+    video = videos.bench_video(bench.s, seconds, bench.log)
     wall, model = {n: [] for n in runs}, {n: [] for n in runs}
     with PeakMemory(bench.cuda) as memory:
         for _ in range(rounds):

@@ -46,13 +46,10 @@ def synthetic_video(seconds: float, gop_seconds: float, log) -> Path:
     return path
 
 
-def bench_video(settings, info, stride_frames: int, log) -> Path:
-    """--video, or a generated 720p video long enough for the stream updates asked for (the first window,
-    then warm-up, timed and one spare update of `stride_frames` grid frames each)."""
+def bench_video(settings, seconds: float, log) -> Path:
+    """--video, or a generated 720p video of `seconds` (what the stages that need it asked for)."""
     if settings.video:
         return Path(settings.video)
-    grid_rate = info.num_frames / info.window_seconds
-    seconds = (info.num_frames + (settings.warmup + settings.iters + 1) * stride_frames) / grid_rate + 1
     return synthetic_video(seconds, BENCH_GOP_SECONDS, log)
 
 
