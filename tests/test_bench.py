@@ -259,3 +259,31 @@ def test_cli_engine_checkpoint_and_errors(tmp_path):
     assert frames_with_engine.exit_code == 2 and "--frames" in frames_with_engine.output
     no_dir = runner.invoke(main, ["--json", str(tmp_path / "no" / "x.json")])
     assert no_dir.exit_code == 1 and "does not exist" in no_dir.output
+
+
+def test_an_interrupted_run_reports_and_writes_what_it_measured(tmp_path, monkeypatch):
+    """Ctrl-C (or a time limit's SIGINT) in the second backend: the first backend's records are printed and written,
+    marked partial, and the exit status is 130; an interrupt before anything was measured writes nothing."""
+    from cmdcl.bench import stages
+
+    def interrupt_on_ort(bench, target):
+        if target.label == "ort":
+            raise KeyboardInterrupt
+        return real_head(bench, target)
+
+    real_head = stages.MODEL_STAGES["head"]
+    monkeypatch.setitem(stages.MODEL_STAGES, "head", interrupt_on_ort)
+    out, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["--preset", "tiny", "--frames", "2", "--classes", "3", "--iters", "1", "--warmup", "0", "--stages", "head",
+            "--backend", "torch", "--backend", "ort", "--json", str(out), "--markdown", str(md), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130, result.output
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True
+    assert [(r["backend"], r["stage"]) for r in report["records"]] == [("torch", "head")]
+    assert "interrupted: partial results" in result.output and "**interrupted: partial results" in md.read_text()
+
+    monkeypatch.setitem(stages.MODEL_STAGES, "head", lambda bench, target: (_ for _ in ()).throw(KeyboardInterrupt))
+    out.unlink()
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130 and not out.exists(), result.output

@@ -112,6 +112,9 @@ def _ratio(comparison: dict) -> str:
     return f"{comparison['speedup']:.2f}x" + ("" if efficiency is None else f" (pipeline efficiency {efficiency:.2f})")
 
 
+PARTIAL = "interrupted: partial results (the run stopped before every stage and backend was measured)"
+
+
 def text_report(report: dict) -> str:
     """Machine line, the records table, comparisons, floors and skipped stages."""
     m, s = report["machine"], report["settings"]
@@ -122,6 +125,7 @@ def text_report(report: dict) -> str:
         f"load average: {m['load_average']} at start, {m.get('load_average_end')} at end",
         f"model: F={s['num_frames']} frames at {s['image_size']} px, {s['num_classes']} classes"
         + (f" ({s['preset']} preset, random weights)" if not s["engines"] else f" ({', '.join(s['engines'])})"),
+        *([PARTIAL] if report.get("interrupted") else []),
         "",
     ]
     rows = [[r["backend"], r["stage"], r["batch"], _num(r["p50_ms"]), _num(r["p90_ms"]), _num(r["p99_ms"]),
@@ -158,6 +162,7 @@ def markdown(report: dict) -> str:
         + f"; load average {m['load_average']} at start, {m.get('load_average_end')} at end. "
         + "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
         f"Command: `{report.get('command', 'cmdcl-bench')}`",
+        *(["", f"**{PARTIAL}**"] if report.get("interrupted") else []),
         "",
         "| backend | stage | batch | p50 ms | p90 ms | p99 ms | throughput | video s/s | peak host MB | of GEMM peak | iters |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -106,25 +106,34 @@ class Bench:
         self.log(f"cmdcl-bench: {machine['cpu']} ({machine['cores']} cores, {self.threads} threads), device {self.device}"
                  + (f" ({machine['gpu']})" if machine["gpu"] else "") + f", load average {machine['load_average']}")
         peaks = measured_peaks(self.device, self.threads)  # again at the end: the better of the two (others' load varies)
-        info = video = None
-        for label, load in self.plan_backends():
-            backend = self.load_or_skip(label, load)
-            if backend is None:
-                continue
-            with backend:  # closed before the next one loads
-                if info is None:  # the first model sets F, the image size and the stream grid for the video stages
-                    info = backend.info
-                    stride_frames, video = self.measure_video_stages(info)
-                self.measure_model_stages(backend, label, video)
+        info = video = stride_frames = None
+        interrupted = False
+        try:
+            for label, load in self.plan_backends():
+                backend = self.load_or_skip(label, load)
+                if backend is None:
+                    continue
+                with backend:  # closed before the next one loads
+                    if info is None:  # the first model sets F, the image size and the stream grid for the video stages
+                        info = backend.info
+                        stride_frames, video = self.measure_video_stages(info)
+                    self.measure_model_stages(backend, label, video)
+        except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGINT half-way: report what was measured
+            if not self.records:
+                raise
+            interrupted = True
+            self.log(f"cmdcl-bench: interrupted; reporting the {len(self.records)} measurements made so far")
         if info is None:
             raise BackendError("nothing to measure: no backend could run here (see the reasons above)")
-        peaks = {key: max(value, peaks[key]) for key, value in measured_peaks(self.device, self.threads).items()}
+        if not interrupted:
+            peaks = {key: max(value, peaks[key]) for key, value in measured_peaks(self.device, self.threads).items()}
         cfg, num_classes = info.config, len(info.classes)
         floors_by_batch = {b: floor_counts.model_floors(cfg, num_classes, b) for b in s.batches} if cfg else {}
         add_floor_fractions(self.records, floors_by_batch, peaks)
         machine["load_average_end"] = load_average()
         return {
             "tool": "cmdcl-bench",
+            "interrupted": interrupted,  # True: partial results, the run stopped half-way
             "toolkit_version": __version__,
             "machine": machine,
             "measured_peaks": peaks,

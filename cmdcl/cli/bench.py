@@ -10,6 +10,7 @@ import click
 
 from ..bench.stages import STAGES
 from ..bench.variants import BACKENDS
+from ..errors import ExitCode
 from .errors import EXPECTED, cli_errors
 
 
@@ -136,6 +137,9 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
             with atomic_write(markdown) as tmp:
                 tmp.write_text(output.markdown(report))
             click.echo(f"wrote {markdown}", err=True)
+    if report["interrupted"]:
+        click.echo("cmdcl-bench: interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 def _command_line(ctx) -> str:
