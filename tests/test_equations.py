@@ -44,19 +44,35 @@ def attention(q, k, v, heads, log_prior=None):
     return torch.cat(out, dim=-1)
 
 
+def keys(rows, layer):
+    """Wk applied to a dictionary's rows as the config asks (centred, or centred and ZCA-whitened, here through the SVD
+    rows = U S V^T: whitened rows = sqrt(K) U V^T over the directions the rows span), times exp(log_temperature)."""
+    if layer.key_norm != "none":
+        rows = rows - rows.mean(dim=0)
+    if layer.key_norm == "whiten":
+        u, s, vh = torch.linalg.svd(rows.double(), full_matrices=False)
+        spanned = s > 1e-6 * s.max()
+        rows = (math.sqrt(rows.shape[0]) * u[:, spanned] @ vh[spanned]).float()
+    out = linear(rows, layer)
+    return out if layer.log_temperature is None else out * layer.log_temperature.exp()
+
+
 def textual(module, text, bias_dict, prior, use_prior):
     """T' = LN(T + Wt [T ; T * Bh]), Bh = softmax((T Wq)(V_P Wk)^T / sqrt(d) + log pi_b) (V_P Wv)."""
     log_prior = torch.log(prior) if use_prior else None
-    bias = attention(linear(text, module.q), linear(bias_dict, module.k), linear(bias_dict, module.v), module.heads, log_prior)
+    bias = attention(linear(text, module.q), keys(bias_dict, module.k), linear(bias_dict, module.v), module.heads, log_prior)
     return layer_norm(text + linear(torch.cat([text, text * bias], dim=-1), module.t), module.norm)
 
 
 def visual(module, x, text_debiased, conf_dict, prior, use_prior):
-    """V' = LN(X + Wo [X * sigmoid(M Wg) ; Zh]), M over the texts T', Zh over Z with log pi_z."""
+    """V' = LN(X + Wo [X * sigmoid(M Wg) ; Zh]) (CATT's form: LN(Wo [M ; Zh])), M over the texts T', Zh over Z with
+    log pi_z."""
     q = linear(x, module.q)
     mediator = attention(q, linear(text_debiased, module.k_text), linear(text_debiased, module.v_text), module.heads)
     log_prior = torch.log(prior) if use_prior else None
-    cross = attention(q, linear(conf_dict, module.k_conf), linear(conf_dict, module.v_conf), module.heads, log_prior)
+    cross = attention(q, keys(conf_dict, module.k_conf), linear(conf_dict, module.v_conf), module.heads, log_prior)
+    if module.approximator == "catt":
+        return layer_norm(linear(torch.cat([mediator, cross], dim=-1), module.out), module.norm)
     gated = x * torch.sigmoid(linear(mediator, module.gate))
     return layer_norm(x + linear(torch.cat([gated, cross], dim=-1), module.out), module.norm)
 
@@ -173,7 +189,12 @@ def test_attention_uses_one_over_sqrt_d_and_heads_of_d_columns():
     {"use_bias_prior": False, "use_confounder_prior": False},
     {"textual_intervention": False},
     {"visual_intervention": False},
-], ids=["default", "attention-pool", "no-priors", "no-textual", "no-visual"])
+    {"approximator": "catt"},
+    {"key_norm": "centre", "learn_temperature": True},
+    {"key_norm": "whiten", "fixed_key_proj": True},
+    {"approximator": "catt", "key_norm": "whiten", "learn_temperature": True, "fixed_key_proj": True},
+], ids=["default", "attention-pool", "no-priors", "no-textual", "no-visual", "catt", "centred-keys-temperature",
+        "whitened-fixed-keys", "all-variants"])
 def test_head_and_forward_are_the_formulas(overrides):
     """The whole head: interventions, pooling, cosine classifier with its clamped scale and bias."""
     model = build(**overrides)

@@ -25,6 +25,9 @@ CONFIGS = {
     "C1-Kz1-S1-F3": (1, dict(num_confounders=1, token_grid=0, num_frames=3)),
     "multi-label-attention-pool-F3": (4, dict(multi_label=True, pooling="attention", num_frames=3)),
     "no-interventions": (2, dict(visual_intervention=False, textual_intervention=False)),
+    "catt-whitened-keys-temperature-fixed": (3, dict(approximator="catt", key_norm="whiten", learn_temperature=True,
+                                                     fixed_key_proj=True)),
+    "centred-keys": (3, dict(key_norm="centre")),
 }
 
 

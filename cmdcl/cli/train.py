@@ -10,6 +10,23 @@ import click
 from .errors import WITH_DATA_ERRORS, cli_errors
 
 
+def _model_options(ctx, param, values) -> dict:
+    """FIELD=VALUE pairs -> {field: value}; VALUE is read as JSON (true, 0.5) when it parses, else kept as text.
+    Fields and values are checked with the rest of the model config."""
+    import json
+
+    options = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not FIELD=VALUE", ctx, param)
+        try:
+            options[name.strip()] = json.loads(text)
+        except ValueError:
+            options[name.strip()] = text
+    return options
+
+
 @click.command(context_settings={"show_default": True})
 @click.option("--data", required=True, help="Training data: a CSV manifest, or a Breakfast/COIN/Charades folder (train split).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (OUT.resume holds the resume state).")
@@ -25,6 +42,9 @@ from .errors import WITH_DATA_ERRORS, cli_errors
 @click.option("--seed", default=0, type=int, help="Seeds everything: CPU runs are bitwise repeatable.")
 @click.option("--ablation", default="none", type=click.Choice(["none", "no-textual", "no-visual", "no-both"]),
               help="Switch off the textual and/or visual intervention.")
+@click.option("--model-option", "model_options", multiple=True, metavar="FIELD=VALUE", callback=_model_options,
+              help="Set a model config field, repeatable; the intervention variants: approximator=residual|catt, "
+                   "key_norm=none|centre|whiten, learn_temperature=true, fixed_key_proj=true (docs/design.md 2.10).")
 @click.option("--clip-weights", type=click.Path(exists=True, dir_okay=False),
               help="Local CLIP weights (OpenAI or open_clip file): the frozen VLM and the video encoder's init.")
 @click.option("--text-init", default="auto", type=click.Choice(["auto", "clip", "minilm", "random"]),

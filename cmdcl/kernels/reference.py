@@ -21,13 +21,19 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def memory_attention(q, k, v, scale: float, log_prior=None):
-    """softmax(q k^T * scale + log_prior) v for queries [B, h, L, d] over a
-    constant memory k, v [h, K, d] shared by the whole batch."""
+def memory_weights(q, k, scale: float, log_prior=None):
+    """softmax(q k^T * scale + log_prior) in fp32: the attention of queries [B, h, L, d] over the K rows of a
+    constant memory k [h, K, d] shared by the whole batch -> [B, h, L, K]."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if log_prior is not None:
         scores = scores + log_prior
-    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+    return torch.softmax(scores.float(), dim=-1)
+
+
+def memory_attention(q, k, v, scale: float, log_prior=None):
+    """softmax(q k^T * scale + log_prior) v for queries [B, h, L, d] over a
+    constant memory k, v [h, K, d] shared by the whole batch."""
+    return torch.matmul(memory_weights(q, k, scale, log_prior).to(v.dtype), v)
 
 
 def causal_intervention_reference(q, kt, vt, kz, vz, log_prior, num_heads: int, scale: float):

@@ -61,8 +61,9 @@ class CMDCL(nn.Module):
         self.register_buffer("conf_dict", torch.randn(cfg.num_confounders, embed_dim))
         self.register_buffer("conf_prior", torch.full((cfg.num_confounders,), 1.0 / cfg.num_confounders))
 
-        self.textual = TextualIntervention(width, embed_dim, cfg.heads, cfg.use_bias_prior)
-        self.visual = VisualIntervention(width, embed_dim, cfg.heads, cfg.use_confounder_prior)
+        keys = dict(key_norm=cfg.key_norm, learn_temperature=cfg.learn_temperature, fixed_key_proj=cfg.fixed_key_proj)
+        self.textual = TextualIntervention(width, embed_dim, cfg.heads, cfg.use_bias_prior, **keys)
+        self.visual = VisualIntervention(width, embed_dim, cfg.heads, cfg.use_confounder_prior, approximator=cfg.approximator, **keys)
 
         self.pool_query = nn.Parameter(torch.zeros(width)) if cfg.pooling == "attention" else None
         self.video_proj = nn.Linear(width, width, bias=False)  # Wp
@@ -136,18 +137,23 @@ class CMDCL(nn.Module):
 
     def classify(self, tokens, text_debiased, memories):
         """The input-dependent part of the head; export calls it with constants."""
-        b, f, s, d = tokens.shape
-        x = tokens + self.temporal_embedding[:f, None] + self.slot_embedding[None, :s]
-        x = x.reshape(b, f * s, d)
-        for block in self.blocks:
-            x = block(x)
-        x = self.ln_sta(x)
+        x = self.contextualize(tokens)
         if self.cfg.visual_intervention:
             x = self.visual(x, memories)
         embedding = F.normalize(self.video_proj(self.pool(x)), dim=-1)
         text = F.normalize(text_debiased, dim=-1)
         logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * embedding @ text.t() + self.logit_bias
         return logits, embedding
+
+    def contextualize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, F, S, D] -> X [B, F*S, D]: temporal and slot embeddings, the spatio-temporal blocks and their
+        LayerNorm; the visual intervention's input."""
+        b, f, s, d = tokens.shape
+        x = tokens + self.temporal_embedding[:f, None] + self.slot_embedding[None, :s]
+        x = x.reshape(b, f * s, d)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_sta(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool_query is None:

@@ -85,6 +85,11 @@ class CMDCLConfig:
     use_bias_prior: bool = True  # add log pi_b in the textual attention
     use_confounder_prior: bool = True  # add log pi_z in the cross-sample attention
     pooling: str = "mean"  # "mean" or "attention"
+    # Variants of the interventions (docs/design.md section 2.10); the defaults are the design's forms.
+    approximator: str = "residual"  # "residual": V' = LN(X + Wo[X * sigmoid(M Wg); Zh]); "catt": V' = LN(Wo[M ; Zh])
+    key_norm: str = "none"  # dictionary rows before the key projections: "none", "centre", "whiten"
+    learn_temperature: bool = False  # a learnable inverse temperature on each dictionary's keys
+    fixed_key_proj: bool = False  # the dictionary key projections keep their initial weights
     multi_label: bool = False  # sigmoid/BCE (Charades) instead of softmax/CE
     logit_scale_init: float = 1.0 / 0.07
     mean: tuple = CLIP_MEAN
@@ -129,6 +134,10 @@ class CMDCLConfig:
             problems.append(f"token_grid {self.token_grid} must divide the patch grid {grid}")
         if self.pooling not in ("mean", "attention"):
             problems.append(f"pooling must be 'mean' or 'attention', not {self.pooling!r}")
+        if self.approximator not in ("residual", "catt"):
+            problems.append(f"approximator must be 'residual' or 'catt', not {self.approximator!r:.40}")
+        if self.key_norm not in ("none", "centre", "whiten"):
+            problems.append(f"key_norm must be 'none', 'centre' or 'whiten', not {self.key_norm!r:.40}")
         for prefix, tower in (("vision.", self.vision), ("text.", self.text)):
             if tower.activation not in ("quick_gelu", "gelu"):
                 problems.append(f"{prefix}activation must be 'quick_gelu' or 'gelu', not {tower.activation!r}")
