@@ -31,8 +31,15 @@ from .options import seconds_list
               help="exact: each segment's centre frame (as in training); keyframe: each segment's keyframe where it has one (faster).")
 @click.option("--workers", type=click.IntRange(min=1),
               help="Processes decoding videos at once; 1 decodes in the main process. Default: one per usable CPU core.")
+@click.option("--interventions", is_flag=True,
+              help="Video mode: also report whether the causal interventions do anything (attention spread, logit changes "
+                   "when a dictionary is shuffled or replaced, a probe of the confounder attention).")
+@click.option("--probe-labels", type=click.Path(dir_okay=False),
+              help="With --interventions: CSV 'video,label' (videos as in the manifest, relative to this file's folder), "
+                   "a label per video for the probe, e.g. cmdcl-synth's backgrounds.csv.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_size, cache_dir, device, sampling, workers, debug):
+def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_size, cache_dir, device, sampling, workers,
+         interventions, probe_labels, debug):
     """Evaluate a checkpoint: top-1/top-5 accuracy (single-label) or mAP
     (multi-label), with a per-class table. Labels must be among the
     checkpoint's classes. Videos that cannot be read are left out, each with
@@ -42,7 +49,10 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
     reports window top-1 (each window against its video's label), the
     summary's top-1 and how often the summary agrees with video mode; with
     --target segments (a model whose classes are the segment labels, e.g.
-    atomic actions), mAP of each window against the segments it overlaps."""
+    atomic actions), mAP of each window against the segments it overlaps.
+
+    --interventions (video mode) adds the intervention diagnostics
+    (cmdcl.train.diagnostics) to the table and the JSON ("interventions")."""
     from cmdcl.train.stream_eval import parse_configs
 
     if mode == "stream":
@@ -54,6 +64,10 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
             raise click.UsageError(str(exc)) from None
     elif windows or strides:
         raise click.UsageError("--window and --stride need --mode stream")
+    if interventions and mode == "stream":
+        raise click.UsageError("--interventions is for --mode video")
+    if probe_labels and not interventions:
+        raise click.UsageError("--probe-labels needs --interventions")
     # ValueError: the data checks of cmdcl.train (classes that differ from the model's, no video readable, ...)
     with cli_errors("cmdcl-eval", debug, expected=WITH_DATA_ERRORS):
         from cmdcl.data.datasets import load_dataset
@@ -61,7 +75,7 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
         from cmdcl.runtime.decode_pool import default_workers
         from cmdcl.train.loop import pick_device
 
-        check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data)])
+        check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data), ("--probe-labels", probe_labels)])
         if mode == "stream":
             from cmdcl.runtime import Recognizer, load_backend
             from cmdcl.train.stream_eval import evaluate_stream
@@ -76,6 +90,10 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
             classes = model.class_names
         dataset = load_dataset(data, split, classes, target)
         check_outputs([("--json", json_path)], [("a video of --data", e.path) for e in dataset.entries])
+        if probe_labels:  # before the (long) evaluation, so that a bad file fails at once
+            from cmdcl.train.diagnostics import read_probe_labels
+
+            probe_labels = read_probe_labels(probe_labels, dataset.entries)
         workers = workers or default_workers()
         if mode == "stream":
             def recognizer(window, stride):  # every class in each record; the grid decoded as --sampling says
@@ -86,10 +104,25 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
         else:
             report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True, sampling=sampling,
                               workers=workers)
+            if interventions:
+                report["interventions"] = _interventions(model, dataset, probe_labels, cache_dir, batch_size, sampling, workers)
         report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
         if json_path:
             _write_json(json_path, report)
     _print_report(report, mode, len(dataset.entries))
+
+
+def _interventions(model, dataset, labels, cache_dir, batch_size, sampling, workers) -> dict:
+    """cmdcl.train.diagnostics on the clips evaluate() scored (the videos it could read); `labels`: one per video or None.
+    The clips are decoded a second time (evaluate() keeps none), from the cache with --cache-dir."""
+    from cmdcl.train.diagnostics import intervention_diagnostics
+    from cmdcl.train.loop import decode_clips
+
+    skipped: dict[int, str] = {}
+    clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, True, skipped, sampling, workers)
+    if labels is not None:
+        labels = [label for i, label in enumerate(labels) if i not in skipped]
+    return intervention_diagnostics(model, clips, labels, batch_size=batch_size)
 
 
 def _print_report(report: dict, mode: str, videos: int) -> None:
@@ -103,6 +136,10 @@ def _print_report(report: dict, mode: str, videos: int) -> None:
             click.echo(f"warning: {skipped['video']}: {skipped['error']} (left out)", err=True)
     else:
         click.echo(format_report(report))
+        if "interventions" in report:
+            from cmdcl.train.diagnostics import format_diagnostics
+
+            click.echo(format_diagnostics(report["interventions"]))
         if report["skipped"]:
             click.echo(f"warning: {len(report['skipped'])} of {videos} videos could not be read and are not in these metrics", err=True)
 

@@ -11,7 +11,7 @@ from .errors import WITH_DATA_ERRORS, cli_errors
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Folder for the MP4s, manifest.csv, classes.txt and actions.txt.")
+              help="Folder for the MP4s, manifest.csv, classes.txt, actions.txt and backgrounds.csv.")
 @click.option("--videos", default=140, type=click.IntRange(min=1), help="Number of videos (activities balanced).")
 @click.option("--seed", default=0, type=int)
 @click.option("--split", default="train", type=click.Choice(["train", "test", "ood"]), help="ood: background independent of the activity.")
@@ -38,7 +38,7 @@ def _check_out(out: Path, split: str, videos: int) -> None:
 
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: is a file, not a folder")
-    names = ["manifest.csv", "classes.txt", "actions.txt", *[f"{split}_{i:05d}.mp4" for i in range(videos)]]
+    names = ["manifest.csv", "classes.txt", "actions.txt", "backgrounds.csv", *[f"{split}_{i:05d}.mp4" for i in range(videos)]]
     clashes = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
     links = [name for name in clashes if (out / name).is_symlink()]  # writing through a link would change its target
     try:

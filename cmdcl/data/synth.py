@@ -16,10 +16,13 @@ accuracy on `ood`.
 Videos are real H.264 MP4 files (cmdcl.data.video.write_video); the manifest
 (`manifest.csv`, see cmdcl.data.manifest) lists the activity label and the
 atomic-action segments, and `classes.txt` / `actions.txt` fix the label order.
+`backgrounds.csv` (`video,label`) names each video's background texture: the
+confounder's label, for `cmdcl-eval --interventions --probe-labels`.
 """
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +173,7 @@ def choose_background(label: int, split: str, home_bias: float, rng: np.random.G
 
 
 def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg: SynthConfig | None = None, progress: bool = False) -> Path:
-    """Write `videos` MP4s and `manifest.csv`, `classes.txt`, `actions.txt` to `out`.
+    """Write `videos` MP4s and `manifest.csv`, `classes.txt`, `actions.txt`, `backgrounds.csv` to `out`.
 
     Activities are balanced (round robin, then shuffled). Returns the manifest path.
     """
@@ -187,7 +190,7 @@ def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg:
     out.mkdir(parents=True, exist_ok=True)
     names = list(ACTIVITIES)
     order = rng.permutation(np.arange(videos) % len(names))
-    entries = []
+    entries, backgrounds = [], []
 
     for i in tqdm(range(videos), desc=f"synth {split}", disable=not progress, unit="video"):
         label = int(order[i])
@@ -196,7 +199,10 @@ def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg:
         name = f"{split}_{i:05d}.mp4"
         write_video(out / name, frames, rate=cfg.fps)
         entries.append(VideoEntry(out / name, [label], [Segment(s, e, a) for s, e, a in segments]))
+        backgrounds.append((name, BACKGROUNDS[background][1]))
     manifest = write_manifest(VideoDataset(entries, names, False, str(out)), out / "manifest.csv")
     (out / "classes.txt").write_text("\n".join(names) + "\n")
     (out / "actions.txt").write_text("\n".join(ATOMIC_ACTIONS) + "\n")
+    with open(out / "backgrounds.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([("video", "label"), *backgrounds])
     return manifest
