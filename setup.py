@@ -58,6 +58,7 @@ setup(
             "cmdcl-serve=cmdcl.cli.serve:main",
             "cmdcl-client=cmdcl.cli.serve:client",
             "cmdcl-bench=cmdcl.cli.bench:main",
+            "cmdcl-mini-vlm=cmdcl.cli.mini_vlm:main",
         ]
     },
 )

