@@ -1,13 +1,13 @@
 """Files shipped with the package: the demo model and two demo videos.
 
 - `cmdcl_tiny_synth.pt`: a `tiny` CMDCL trained on the synthetic benchmark
-  (cmdcl.data.synth, 7 activities; the README's "Bundled demo model" gives the
-  exact commands and its accuracy);
+  (cmdcl.data.synth, 7 activities) from the mini-VLM of `cmdcl-mini-vlm`
+  (the README's "Bundled demo model" gives the exact commands and its accuracy);
 - `demo_fry_egg.mp4`, `demo_make_tea.mp4`: the first "fry egg" and the first
   "make tea" video of that benchmark's `test` split (seed 0). The demo model
-  gets "fry egg" right; it calls the "make tea" video "make juice": that
-  video shows make juice's background, the visual confounder at work (the
-  model was trained where backgrounds correlate with activities).
+  gets both right; the make-tea video shows make juice's background (the
+  visual confounder), which the first demo model, trained from a random
+  frozen tower, fell for.
 """
 
 from __future__ import annotations
