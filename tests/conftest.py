@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 import torch
 
@@ -60,3 +62,9 @@ def make_model():
 def random_frames(b, f, size, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (b, f, size, size, 3), dtype=torch.uint8, generator=g)
+
+
+def default_sigint():
+    """preexec_fn of a subprocess a test interrupts with SIGINT: a test run started in the background (`&`, nohup) passes
+    SIGINT ignored on to its children, which the Ctrl-C of a user at a terminal never meets."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from cmdcl.output_files import OutputError, atomic_write, check_outputs, same_file
 from cmdcl.runtime.output import NON_FINITE_ERROR, RecordWriter, partial_path
+from conftest import default_sigint
 from test_runtime import tiny_checkpoint, videos  # noqa: F401  (fixtures)
 
 NO_MODEL = "no-such-model.onnx"  # a run that got as far as loading the model would fail on it instead
@@ -256,7 +257,7 @@ def test_run_model_giving_nan_writes_error_records_and_exits_3(tiny_checkpoint, 
 def run_in_subprocess(args, **kwargs):
     script = "from cmdcl.cli.run import main; main()"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, preexec_fn=default_sigint, **kwargs)
 
 
 def wait_for_lines(path, count, process, seconds=60):

@@ -20,6 +20,7 @@ from cmdcl.bench.measure import PeakMemory
 from cmdcl.data.video import write_video
 from cmdcl.runtime import Recognizer
 from cmdcl.runtime.decode_pool import decoded_in_order
+from conftest import default_sigint
 from test_runtime import moving_square, tiny_checkpoint  # noqa: F401 - a fixture
 from test_stream_reliability import EchoBackend, finishes_within
 
@@ -256,7 +257,7 @@ def test_ctrl_c_or_sigterm_stops_the_workers_at_once_with_complete_lines(clips, 
     out = tmp_path / "out.jsonl"
     args = [*map(str, paths), "--engine", str(tiny_checkpoint), "--workers", "2", "-o", str(out), "-q"]
     process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               start_new_session=True, preexec_fn=default_sigint, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         partial = out.with_name(out.name + ".partial")
         deadline = time.time() + 60
@@ -308,7 +309,7 @@ def test_workers_die_with_a_run_killed_by_sigkill(clips, tiny_checkpoint, tmp_pa
         path.write_bytes(clips["good"][i].read_bytes())
     process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, *map(str, paths), "--engine", str(tiny_checkpoint), "--workers", "2",
                                 "-o", str(tmp_path / "out.jsonl"), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and (len(children(process.pid)) < 2 or not (tmp_path / "out.jsonl.partial").exists()
