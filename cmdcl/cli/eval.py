@@ -102,27 +102,31 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
 
             report = evaluate_stream(recognizer, dataset, configs, target)
         else:
-            report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True, sampling=sampling,
-                              workers=workers)
             if interventions:
-                report["interventions"] = _interventions(model, dataset, probe_labels, cache_dir, batch_size, sampling, workers)
+                report = _with_interventions(model, dataset, probe_labels, cache_dir, batch_size, pick_device(device), sampling,
+                                             workers)
+            else:
+                report = evaluate(model, dataset, cache_dir, batch_size, pick_device(device), progress=True, sampling=sampling,
+                                  workers=workers)
         report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
         if json_path:
             _write_json(json_path, report)
     _print_report(report, mode, len(dataset.entries))
 
 
-def _interventions(model, dataset, labels, cache_dir, batch_size, sampling, workers) -> dict:
-    """cmdcl.train.diagnostics on the clips evaluate() scored (the videos it could read); `labels`: one per video or None.
-    The clips are decoded a second time (evaluate() keeps none), from the cache with --cache-dir."""
+def _with_interventions(model, dataset, labels, cache_dir, batch_size, device, sampling, workers) -> dict:
+    """evaluate()'s report plus cmdcl.train.diagnostics under "interventions", on the same clips, decoded once;
+    `labels`: one per video or None (those of videos that could not be read are dropped with them)."""
     from cmdcl.train.diagnostics import intervention_diagnostics
-    from cmdcl.train.loop import decode_clips
+    from cmdcl.train.loop import decode_clips, evaluate_clips
 
-    skipped: dict[int, str] = {}
+    skipped: dict[int, str] = {}  # the dataset was loaded with the model's classes (above)
     clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, True, skipped, sampling, workers)
+    report = evaluate_clips(model, dataset, clips, skipped, batch_size, device, progress=True)
     if labels is not None:
         labels = [label for i, label in enumerate(labels) if i not in skipped]
-    return intervention_diagnostics(model, clips, labels, batch_size=batch_size)
+    report["interventions"] = intervention_diagnostics(model, clips, labels, batch_size=batch_size)
+    return report
 
 
 def _print_report(report: dict, mode: str, videos: int) -> None:

@@ -79,7 +79,7 @@ class SynthConfig:
     home_bias: float = 0.8  # P(home background) in train/test; ood draws uniformly
 
 
-def _background(index: int, size: int, rng: np.random.Generator) -> np.ndarray:
+def render_background(index: int, size: int, rng: np.random.Generator) -> np.ndarray:
     colour, texture = BACKGROUNDS[index]
     base = np.array(colour, dtype=np.float32) + rng.uniform(-15, 15, 3)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -116,7 +116,7 @@ def _draw(canvas: np.ndarray, shape: str, colour, cx: float, cy: float, r: float
     canvas[mask] = colour
 
 
-def _render_action(canvas, action: str, phase: float, place, colour, radius: float) -> None:
+def render_action(canvas, action: str, phase: float, place, colour, radius: float) -> None:
     """One frame of an atomic action at `phase` in [0, 1) of its segment."""
     shape, _, motion = ATOMIC_ACTIONS[action]
     size = canvas.shape[0]
@@ -146,7 +146,7 @@ def _render_action(canvas, action: str, phase: float, place, colour, radius: flo
 def render_video(activity: str, background: int, cfg: SynthConfig, rng: np.random.Generator):
     """-> (frames uint8 [T, size, size, 3], segments [(start_s, end_s, action)])."""
     size = cfg.size
-    bg = _background(background, size, rng)
+    bg = render_background(background, size, rng)
     frames, segments, t0 = [], [], 0.0
     for action in ACTIVITIES[activity]:
         seconds = rng.uniform(cfg.min_action_seconds, cfg.max_action_seconds)
@@ -156,7 +156,7 @@ def render_video(activity: str, background: int, cfg: SynthConfig, rng: np.rando
         radius = size * rng.uniform(0.1, 0.14)
         for i in range(n):
             canvas = bg.copy()
-            _render_action(canvas, action, i / n, place, colour, radius)
+            render_action(canvas, action, i / n, place, colour, radius)
             canvas += rng.normal(0, 4, canvas.shape).astype(np.float32)
             frames.append(np.clip(canvas, 0, 255).astype(np.uint8))
         segments.append((t0, t0 + n / cfg.fps, action))

@@ -606,6 +606,12 @@ def evaluate(model: CMDCL, dataset: VideoDataset, cache_dir: str | None = None, 
         raise ValueError(f"{dataset.source}: its classes differ from the model's ({len(dataset.classes)} vs {len(model.class_names)})")
     skipped: dict[int, str] = {}
     clips = decode_clips(dataset, model.cfg.num_frames, model.cfg.vision.image_size, cache_dir, progress, skipped, sampling, workers)
+    return evaluate_clips(model, dataset, clips, skipped, batch_size, device, progress)
+
+
+def evaluate_clips(model: CMDCL, dataset: VideoDataset, clips: torch.Tensor, skipped: dict[int, str], batch_size: int = 16,
+                   device="cpu", progress: bool = False) -> dict:
+    """evaluate() on clips already decoded by decode_clips (`skipped`: the entries it could not read)."""
     if len(skipped) == len(dataset.entries):
         raise ValueError(f"{dataset.source}: none of its {len(dataset.entries)} videos could be read")
     dataset = dataclasses.replace(dataset, entries=[e for i, e in enumerate(dataset.entries) if i not in skipped])

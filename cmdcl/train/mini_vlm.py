@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.synth import ATOMIC_ACTIONS, BACKGROUNDS, _background, _render_action
+from ..data.synth import ATOMIC_ACTIONS, BACKGROUNDS, render_action, render_background
 from ..model.clip import CLIP, minilm_embeddings
 from ..model.config import CLIP_MEAN, CLIP_STD, tiny_config
 from .loop import warmup_cosine
@@ -71,7 +71,7 @@ def caption(shape: str | None, colour: str | None, background: int, count: int =
 def render_frame(rng: np.random.Generator, size: int = 96, empty_share: float = 0.1):
     """One frame as cmdcl.data.synth renders it, and its (shape, colour, background, count); shape None: empty."""
     background = int(rng.integers(len(BACKGROUNDS)))
-    canvas = _background(background, size, rng)
+    canvas = render_background(background, size, rng)
     shape = colour = None
     count = 1
     if rng.random() >= empty_share:
@@ -83,7 +83,7 @@ def render_frame(rng: np.random.Generator, size: int = 96, empty_share: float = 
         phase = rng.random()
         place = rng.uniform(0.35, 0.65, 2) * size  # the renderer's ranges (cmdcl.data.synth.render_video)
         radius = size * rng.uniform(0.1, 0.14)
-        _render_action(canvas, action, phase, place, np.clip(np.array(rgb) + rng.uniform(-25, 25, 3), 0, 255), radius)
+        render_action(canvas, action, phase, place, np.clip(np.array(rgb) + rng.uniform(-25, 25, 3), 0, 255), radius)
         # "split" draws two circles of radius 0.8 r at +-0.18 size * phase: two apart once their centres are a diameter apart
         if motion == "split" and 0.18 * size * phase > 0.8 * radius:
             count = 2
