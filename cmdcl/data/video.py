@@ -72,6 +72,7 @@ class Clip:
     strategy: str  # "seek" or "sequential" (the plan for the exact samples); "keyframe" when every sample is a keyframe
     duration: float  # seconds spanned by the video stream
     keyframes: int = 0  # samples taken as their segment's keyframe (sampling="keyframe"); each costs one decoded frame
+    restarts: int = 0  # times the file's timestamps restarted (or ran backwards); its parts are sampled as one timeline
 
 
 @dataclass
@@ -207,11 +208,73 @@ def _check_complete(path, container, stream, covered: float, interval: float) ->
 
 
 # ---- packet scan and the decoding plan -----------------------------------------------------
+class _Restarts:
+    """Where a stream's timestamps restart, packet by packet in decode order: MPEG-TS segments joined with `cat`,
+    spliced camera recordings. A restart is a decode timestamp that goes backwards, or (streams without dts) a
+    keyframe whose pts is not after every pts before it, which no frame of one coded sequence can be. B-frames
+    send pts backwards by a few frames in decode order; neither rule takes that for a restart."""
+
+    def __init__(self):
+        self.count = 0  # restarts so far: the index of the current part
+        self.last_dts = self.latest_pts = None
+
+    def part(self, packet) -> int:
+        """The index of the part `packet` (with a pts) belongs to."""
+        dts_back = packet.dts is not None and self.last_dts is not None and packet.dts < self.last_dts
+        if dts_back or (packet.is_keyframe and self.latest_pts is not None and packet.pts <= self.latest_pts):
+            self.count += 1
+            self.latest_pts = None
+        self.last_dts = packet.dts if packet.dts is not None else self.last_dts
+        self.latest_pts = packet.pts if self.latest_pts is None else max(self.latest_pts, packet.pts)
+        return self.count
+
+
+class _Timeline:
+    """One increasing time line over the parts of a stream whose timestamps restart: each part continues one
+    frame interval after the latest frame of the part before it. Positions on it are ints in the stream's
+    time base (a part's pts plus its offset), so a stream without restarts keeps its own pts."""
+
+    def __init__(self, parts: list, step: int):
+        self.offsets, self.members = [0], [set(parts[0])]  # members: each part's pts, to follow decoded frames
+        for previous, part in zip(parts, parts[1:]):
+            self.offsets.append(self.offsets[-1] + max(previous) + step - min(part))
+            self.members.append(set(part))
+
+    @property
+    def restarts(self) -> int:
+        return len(self.offsets) - 1
+
+    def packet_positions(self):
+        """position(packet) for the packets of one demuxing pass from the file's first packet."""
+        restarts = _Restarts()
+        return lambda packet: packet.pts + self.offsets[restarts.part(packet)]
+
+    def frame_positions(self):
+        """position(pts) for the frames of one decoding pass from the file's start, in display order; None for a
+        frame of no part. Decoded frames leave a part when their pts goes backwards or is not in it."""
+        if not self.restarts:
+            return lambda pts: pts
+        part, last = 0, None
+
+        def position(pts):
+            nonlocal part, last
+            if last is not None and (pts < last or pts not in self.members[part]):
+                later = [i for i in range(part + 1, len(self.members)) if pts in self.members[i]]
+                if not later:
+                    return None
+                part = later[0]
+            last = pts
+            return pts + self.offsets[part]
+
+        return position
+
+
 @dataclass
 class _Scan:
-    frame_pts: list  # every frame's pts, sorted (display order)
-    keyframe_pts: list  # pts of the packets flagged as keyframes, sorted
+    frame_pts: list  # every frame's position on the timeline (_Timeline; its pts without restarts), sorted (display order)
+    keyframe_pts: list  # positions of the packets flagged as keyframes, sorted
     interval: float  # median frame interval, seconds
+    timeline: _Timeline
 
     @cached_property
     def seek_points(self) -> list:
@@ -226,38 +289,44 @@ class _Scan:
 
 
 def _scan(path, container, stream) -> _Scan:
-    """Demux (not decode) the video stream: pts of every frame and keyframe."""
-    frame_pts, keyframe_pts = [], []
+    """Demux (not decode) the video stream: the position of every frame and keyframe on the file's timeline."""
+    parts, keyframes, restarts, count = [[]], [], _Restarts(), 0  # keyframes: (part, pts)
     try:
         for packet in container.demux(stream):
             if packet.size == 0 or packet.pts is None:
                 continue
-            frame_pts.append(packet.pts)
-            if len(frame_pts) > MAX_SCAN_FRAMES:
+            part = restarts.part(packet)
+            if part == len(parts):
+                parts.append([])
+            parts[part].append(packet.pts)
+            count += 1
+            if count > MAX_SCAN_FRAMES:
                 raise VideoError(path, f"more than {MAX_SCAN_FRAMES} frames: too long for video mode (use stream mode)")
             if packet.is_keyframe:
-                keyframe_pts.append(packet.pts)
+                keyframes.append((part, packet.pts))
     except (av.error.FFmpegError, OSError) as exc:
-        if not frame_pts:
+        if not count:
             raise VideoError(path, f"undecodable ({_cause(exc)})") from None
-        at = (max(frame_pts) - min(frame_pts)) * stream.time_base
+        at = sum(max(part) - min(part) for part in parts if part) * stream.time_base
         kind = "stalled" if isinstance(exc, av.error.ExitError) else "truncated or corrupt"
         raise VideoError(path, f"{kind} after {float(at):.2f} s ({_cause(exc)})") from None
-    if not frame_pts:
+    if not count:
         declared = declared_duration(container, stream)
         raise VideoError(path, f"truncated: no frame of the declared {declared:.2f} s" if declared
                          else "undecodable (no video frames with timestamps)")
-    frame_pts.sort()
-    keyframe_pts.sort()
     tb = float(stream.time_base)
-    if len(frame_pts) > 1:
-        interval = float(np.median(np.diff(frame_pts))) * tb
+    steps = np.concatenate([np.diff(sorted(part)) for part in parts])
+    if len(steps):
+        interval = float(np.median(steps)) * tb
     else:  # one frame: it is on screen for one frame period, as the file declares it
         interval = 1 / float(stream.average_rate) if stream.average_rate else 0.0
-    if stream.frames and len(frame_pts) < stream.frames:
-        raise VideoError(path, f"truncated: {len(frame_pts)} of {stream.frames} frames present")
+    timeline = _Timeline(parts, max(round(interval / tb), 1))
+    frame_pts = sorted(pts + offset for part, offset in zip(parts, timeline.offsets) for pts in part)
+    keyframe_pts = sorted(pts + timeline.offsets[part] for part, pts in keyframes)
+    if stream.frames and count < stream.frames:
+        raise VideoError(path, f"truncated: {count} of {stream.frames} frames present")
     _check_complete(path, container, stream, (frame_pts[-1] - frame_pts[0]) * tb + interval, interval)
-    return _Scan(frame_pts, keyframe_pts, interval)
+    return _Scan(frame_pts, keyframe_pts, interval, timeline)
 
 
 def _seek_cost(scan: _Scan, targets: list) -> int:
@@ -297,19 +366,21 @@ def frame_to_rgb(frame, size: int) -> np.ndarray:
     return np.ascontiguousarray(image[top : top + size, left : left + size])
 
 
-def _decode_targets(path, container, stream, targets: list, size: int, out: dict, after_seek: bool) -> int:
-    """Decode on from the current position, converting the frames whose pts are
-    in `targets` (sorted) into `out`; return frames decoded. Raises _Overshoot
-    when, right after a seek, the first frame is already past the first target."""
+def _decode_targets(path, container, stream, targets: list, size: int, out: dict, after_seek: bool, position=None) -> int:
+    """Decode on from the current position, converting the frames whose positions
+    (`position(pts)`, _Timeline.frame_positions; by default the pts) are in `targets`
+    (sorted) into `out`; return frames decoded. Raises _Overshoot when, right after
+    a seek, the first frame is already past the first target."""
     decoded, wanted = 0, 0
     try:
         for frame in container.decode(stream):
             decoded += 1
-            if frame.pts is None:
+            at = frame.pts if position is None or frame.pts is None else position(frame.pts)
+            if at is None:
                 continue
-            if after_seek and decoded == 1 and frame.pts > targets[0]:
+            if after_seek and decoded == 1 and at > targets[0]:
                 raise _Overshoot
-            while wanted < len(targets) and frame.pts >= targets[wanted]:
+            while wanted < len(targets) and at >= targets[wanted]:
                 out[targets[wanted]] = frame_to_rgb(frame, size)
                 wanted += 1
             if wanted == len(targets):
@@ -339,7 +410,12 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
     time, decoded alone (one frame, where an exact sample can cost a whole GOP;
     segment-based sampling accepts any frame of a segment). Segments without a
     keyframe keep their exact sample, decoded by the plan above, which also
-    supplies the keyframes it passes anyway."""
+    supplies the keyframes it passes anyway.
+
+    A file whose timestamps restart (MPEG-TS segments joined with `cat`) is
+    sampled over all its parts, each continuing the time of the one before
+    (`Clip.restarts` counts the restarts); such a file is decoded in one pass,
+    since seeking to a timestamp that several parts hold is ambiguous."""
     if strategy not in ("auto", "seek", "sequential"):
         raise ValueError(f"strategy must be 'auto', 'seek' or 'sequential', not {strategy!r}")
     if sampling not in SAMPLINGS:
@@ -352,6 +428,8 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
         tb = float(stream.time_base)
     duration = (scan.frame_pts[-1] - scan.first) * tb + scan.interval
     times = segment_times(duration, num_frames, offsets, rng)
+    if scan.timeline.restarts:
+        strategy = "sequential"
     # Each sample shows the frame on screen at its time: the last one with pts <= it.
     chosen = [scan.frame_pts[max(bisect.bisect_right(scan.frame_pts, scan.first + t / tb + 1e-9) - 1, 0)] for t in times]
     keyframes = [None] * num_frames
@@ -372,7 +450,7 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
     decoded = 0
     if alone:
         try:
-            decoded += _decode_keyframes(path, timeout, alone, size, rgb)
+            decoded += _decode_keyframes(path, timeout, alone, size, rgb, scan.timeline)
         except _Overshoot:  # a keyframe that does not decode alone: every sample from one pass
             strategy, targets = "sequential", sorted(set(chosen))
     if targets:
@@ -388,12 +466,13 @@ def read_clip(path, num_frames: int, size: int, offsets: str = "center", rng: np
         if strategy == "sequential":
             container, stream = open_video(path, timeout)
             with container:
-                decoded += _decode_targets(path, container, stream, targets, size, rgb, after_seek=False)
+                decoded += _decode_targets(path, container, stream, targets, size, rgb, after_seek=False,
+                                           position=scan.timeline.frame_positions())
     else:
         strategy = "keyframe"
     frames = np.stack([rgb[pts] for pts in chosen])
     return Clip(frames, np.array([(pts - scan.first) * tb for pts in chosen]), decoded, strategy, duration,
-                sum(key is not None for key in keyframes))
+                sum(key is not None for key in keyframes), scan.timeline.restarts)
 
 
 def _segment_keyframes(scan: _Scan, tb: float, duration: float, times) -> list:
@@ -408,38 +487,43 @@ def _segment_keyframes(scan: _Scan, tb: float, duration: float, times) -> list:
     return picks
 
 
-def _decode_keyframes(path, timeout, keyframes: list, size: int, out: dict) -> int:
-    """Decode each keyframe alone into `out`; return frames decoded. Each is reached by seeking
-    to it; from the first seek that lands past its keyframe (MPEG-TS seeks by decoding time), by
-    demuxing from the start instead, which reads packets but decodes only the keyframes'."""
+def _decode_keyframes(path, timeout, keyframes: list, size: int, out: dict, timeline: _Timeline) -> int:
+    """Decode each keyframe (a position on `timeline`) alone into `out`; return frames decoded. Each is
+    reached by seeking to it; from the first seek that lands past its keyframe (MPEG-TS seeks by decoding
+    time), or in a file whose timestamps restart, by demuxing from the start instead, which reads packets
+    but decodes only the keyframes'."""
     decoded = 0
 
-    def decode_alone(packet, stream) -> None:
+    def decode_alone(packet, stream, key) -> None:
         nonlocal decoded
         frames = stream.codec_context.decode(packet) + stream.codec_context.decode(None)  # None drains the decoder
         stream.codec_context.flush_buffers()  # ready for the next packet
         if not frames:  # flagged as a keyframe, yet it needs frames before it
             raise _Overshoot
         decoded += len(frames)
-        out[packet.pts] = frame_to_rgb(frames[0], size)
+        out[key] = frame_to_rgb(frames[0], size)
 
     try:
         container, stream = open_video(path, timeout)
         with container:
-            for key in keyframes:
+            for key in keyframes if not timeline.restarts else ():
                 container.seek(key, stream=stream, backward=True)
                 packet = next((p for p in container.demux(stream) if p.pts is not None and p.size and p.pts >= key), None)
                 if packet is None or packet.pts != key:
                     break
-                decode_alone(packet, stream)
+                decode_alone(packet, stream, key)
         wanted = {key for key in keyframes if key not in out}
         if wanted:
             container, stream = open_video(path, timeout)
             with container:
+                position = timeline.packet_positions()
                 for packet in container.demux(stream):
-                    if packet.pts in wanted and packet.size:
-                        decode_alone(packet, stream)
-                        wanted.discard(packet.pts)
+                    if packet.pts is None or not packet.size:
+                        continue
+                    key = position(packet)
+                    if key in wanted:
+                        decode_alone(packet, stream, key)
+                        wanted.discard(key)
                         if not wanted:
                             break
             if wanted:

@@ -184,7 +184,8 @@ class Recognizer:
         for (path, clip), probabilities in zip(clips, self.backend.probabilities(logits)):
             records.append({"video": str(path), "summary": True, "mode": "video", "start": 0.0, "end": round(clip.duration, 3),
                             "top": self.top(probabilities), "frames": len(clip.frames),
-                            "frames_decoded": clip.frames_decoded, "keyframes": clip.keyframes, "strategy": clip.strategy})
+                            "frames_decoded": clip.frames_decoded, "keyframes": clip.keyframes, "strategy": clip.strategy,
+                            "timestamp_restarts": clip.restarts})
         return records
 
     # ---- stream mode ---------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""Video mode on files whose timestamps restart or run backwards partway (MPEG-TS segments joined with `cat`,
+spliced recordings): every part is sampled, on one timeline that continues across the restarts."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cmdcl.cli.run import main
+from cmdcl.data.video import read_clip, write_video
+from test_runtime import tiny_checkpoint  # noqa: F401  (fixture)
+from test_video import frame_index, ramp
+
+PART_FRAMES, RATE, PARTS = 20, 10, 3  # three 2 s parts at 10 fps: frame i of the whole file has grey level 4 * i
+
+
+def write_parts(directory, starts):
+    """One MPEG-TS file per part, part p holding frames p * PART_FRAMES ... of the ramp, its timestamps
+    starting at starts[p] seconds; returns the parts' paths."""
+    frames = ramp(PART_FRAMES * len(starts))
+    return [write_video(directory / f"part{p}.ts", frames[p * PART_FRAMES : (p + 1) * PART_FRAMES], rate=RATE, gop=5,
+                        times=start + np.arange(PART_FRAMES) / RATE)
+            for p, start in enumerate(starts)]
+
+
+def joined(directory, starts, name="joined.ts"):
+    """The parts concatenated byte by byte, as `cat part*.ts > joined.ts` does."""
+    path = directory / name
+    path.write_bytes(b"".join(part.read_bytes() for part in write_parts(directory, starts)))
+    return path
+
+
+CASES = {"restart at the same time": [0.0, 0.0, 0.0],  # each segment's clock starts again
+         "backwards partway": [10.0, 3.0, 1.0]}  # spliced recordings: each starts before the one before it ended
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("sampling", ["exact", "keyframe"])
+def test_every_part_is_sampled_on_one_timeline(tmp_path, case, sampling):
+    path = joined(tmp_path, CASES[case])
+    clip = read_clip(path, 6, 32, sampling=sampling)
+    assert clip.restarts == PARTS - 1
+    assert clip.duration == pytest.approx(PARTS * PART_FRAMES / RATE)  # 6 s, not one part's 2 s
+    assert np.allclose(clip.times, [0.5, 1.5, 2.5, 3.5, 4.5, 5.5])
+    # each segment's centre frame (every 5th frame is a keyframe, so keyframe sampling takes the same ones)
+    assert frame_index(clip.frames).tolist() == [5, 15, 25, 35, 45, 55]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "seek"])
+def test_a_file_with_restarts_is_decoded_in_one_pass(tmp_path, strategy):
+    """Seeking to a timestamp several parts hold would land in the wrong part: whatever was asked, one pass."""
+    clip = read_clip(joined(tmp_path, CASES["restart at the same time"]), 4, 32, strategy=strategy)
+    assert clip.strategy == "sequential" and frame_index(clip.frames).tolist() == [7, 22, 37, 52]
+
+
+def test_one_part_has_no_restarts(tmp_path):
+    [part] = write_parts(tmp_path, [5.0])
+    clip = read_clip(part, 4, 32)
+    assert clip.restarts == 0 and clip.duration == pytest.approx(2.0)
+    assert frame_index(clip.frames).tolist() == [2, 7, 12, 17]
+
+
+def test_cmdcl_run_records_the_whole_duration_and_the_restarts(tmp_path, tiny_checkpoint):  # noqa: F811
+    path = joined(tmp_path, CASES["backwards partway"])
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(main, [str(path), "--engine", str(tiny_checkpoint), "-o", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["end"] == pytest.approx(6.0) and record["timestamp_restarts"] == 2
