@@ -9,7 +9,8 @@ One export is up to three graphs, each named by its role:
 `graph_io` is the one table of their inputs and outputs (the ONNX graphs, `Backend.io`, the
 PyTriton bindings and the Triton repository's configs are derived from it), `graph_path` the
 file names of the split graphs and engines beside the model, `sidecar_path` / `read_sidecar`
-a TensorRT engine's JSON sidecar, and `default_sampling` how stream mode samples a model
+a TensorRT engine's JSON sidecar, `model_files` every file one model file brings with it (what
+the commands' clash checks protect), and `default_sampling` how stream mode samples a model
 that records no sampling of its own. No torch or onnx here (numpy only inside relative_error): export, runtime, serve,
 bench and cli all import it.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -58,15 +60,42 @@ def graph_io(role: GraphRole, num_frames: int, image_size: int, tokens_per_frame
 
 
 def graph_path(model_path: str | Path, role: GraphRole) -> Path:
-    """The file of one graph (or engine): the model itself for "full", else `<stem>.<role><suffix>` beside it."""
-    model_path = Path(model_path)
-    return model_path if role == "full" else model_path.with_name(f"{model_path.stem}.{role}{model_path.suffix}")
+    """The file of one graph (or engine): the model itself for "full", else `<stem>.<role><suffix>` beside it
+    (beside the file a symlinked model points to: `companion_base`)."""
+    if role == "full":
+        return Path(model_path)
+    base = companion_base(model_path)
+    return base.with_name(f"{base.stem}.{role}{base.suffix}")
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
-    """A TensorRT engine's JSON sidecar: `model.plan` -> `model.plan.json`."""
-    engine_path = Path(engine_path)
-    return engine_path.with_name(engine_path.name + ".json")
+    """A TensorRT engine's JSON sidecar: `model.plan` -> `model.plan.json` (for a symlink, its target's)."""
+    base = companion_base(engine_path)
+    return base.with_name(base.name + ".json")
+
+
+def companion_base(model_path: str | Path) -> Path:
+    """The name a model file's split graphs and sidecars are derived from: the file itself, or the file a symlink
+    points to (`latest.onnx -> v3.onnx` brings `v3.head.onnx`), so that the writers, the runtime and the clash
+    checks all name the same files."""
+    model_path = Path(model_path)
+    return Path(os.path.realpath(model_path)) if model_path.is_symlink() else model_path
+
+
+def model_files(model_path: str | Path, name: str) -> list[tuple[str, Path]]:
+    """Every file the runtime reads for the model file `model_path`, as `check_outputs` inputs (description, path),
+    `name` describing the model (e.g. "the --engine model"): the file itself; for an ONNX model its split graphs;
+    for a TensorRT engine (neither .onnx nor a .pt checkpoint) its split engines and each one's JSON sidecar.
+    The one list of a model's companions for every command's clash check."""
+    model_path = Path(model_path)
+    suffix = model_path.suffix.lower()
+    files = [(name, model_path)]
+    if suffix == ".pt":  # a checkpoint holds the whole model
+        return files
+    files += [(f"{name}'s {role} graph", graph_path(model_path, role)) for role in SPLIT_ROLES]
+    if suffix != ".onnx":
+        files += [(f"{what}'s sidecar", sidecar_path(path)) for what, path in files]
+    return files
 
 
 def read_sidecar(engine_path: str | Path) -> dict:

@@ -3,7 +3,10 @@
 Every `cmdcl-*` command that writes files calls `check_outputs` first (before
 a model loads or a file is opened for writing): each output is compared with
 every input and every other output (resolved paths, symlinks and hard links
-included), and must be writable. Files are then written with `atomic_write`:
+included; a model input with every file it brings, `artifacts.model_files`),
+must lie outside the folders cmdcl reads without being told (its cache, with
+the demo model's export, and the bundled assets), and must be writable.
+Files are then written with `atomic_write`:
 to a hidden temporary file in the same directory, renamed onto the output
 only when complete, so a failed or killed command leaves the old file as it
 was. An output that is a symlink is written at its target (the link stays);
@@ -58,7 +61,23 @@ def check_outputs(outputs: Iterable[tuple[str, object]], inputs: Iterable[tuple[
         for other, other_path in outputs[:i]:
             if same_file(path, other_path):
                 raise OutputError(f"{name} {path} and {other} {other_path} are the same file")
+        for what, folder in cmdcl_folders():
+            if real_path(path).is_relative_to(real_path(folder)):
+                raise OutputError(f"{name} {path} lies in {what} {folder}, which cmdcl reads: refusing to write there")
         check_writable(path, name)
+
+
+def cache_dir() -> Path:
+    """Where cmdcl keeps what it makes for itself: the demo model's export, the bench's generated videos."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "cmdcl"
+
+
+def cmdcl_folders() -> list[tuple[str, Path]]:
+    """Folders whose files are inputs of commands that do not name them (a run without --engine reads the demo
+    model's export in the cache, and exports it from the bundled checkpoint): no output may go there."""
+    from .assets import ASSETS
+
+    return [("cmdcl's cache", cache_dir()), ("cmdcl's bundled assets", ASSETS)]
 
 
 def check_writable(path, name: str = "output") -> None:

@@ -9,6 +9,7 @@ only complete records; a Triton repository replaces only directories it wrote.
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def test_run_refuses_outputs_that_are_inputs_the_model_or_each_other(tiny_checkp
         ([video, "--output", "link.jsonl"], "is the input"),  # a symlink to the input
         ([video, "--engine", model, "--output", "hard.jsonl"], "is the --engine model"),  # a hard link of the model
         ([video, "--engine", model, "--output", model], "is the --engine model"),
-        ([video, "--engine", model, "--output", tmp_path / "m.head.pt"], "split graph"),
+        ([video, "--engine", tmp_path / "m.onnx", "--output", tmp_path / "m.head.onnx"], "is the --engine model's head graph"),
         ([tmp_path / "v.mp4", "--output", "./sub/../v.mp4"], "is the input"),  # absolute input, relative output
         ([video, *stream, "--output", "x.png", "--plot", "x.png"], "are the same file"),
         ([video, "--output", "o.mp4", "--overlay", "o.mp4"], "are the same file"),
@@ -465,3 +466,233 @@ def test_train_refuses_a_checkpoint_over_its_data(tmp_path):
     one_line(invoke(main, ["--data", manifest, "--out", tmp_path / "m.pt", "--classes", classes]), 1,
              "--out's resume state", "is --classes")
     assert manifest.read_text() == "path,label\nv.mp4,a\n" and classes.read_text() == "a\n"
+
+
+# ---- every command, every output (issue 21, item 2) ------------------------------------------------------------
+# Each output option of each console script, pointed at each file the command reads (inputs, the model with its split
+# graphs and sidecars, the checkpoint), at another output, at a file in cmdcl's own folders, and at a symlink to any of
+# them, must be refused before anything loads, with one line, leaving every file as it was. The inputs are a few bytes
+# each: a command that read them before refusing would fail on them instead.
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_WORDS = {"out", "output", "json", "plot", "markdown", "overlay", "csv", "png", "report", "save", "dump", "cache",
+                "repo", "log", "engine", "dir", "file", "path", "dest"}  # a text parameter named with one of these may be an output
+INPUTS = {  # the path-like parameters that each command only reads
+    "cmdcl-run": {"engine"}, "cmdcl-eval": {"ckpt", "probe_labels"}, "cmdcl-bench": {"engines", "video", "long_video"},
+    "cmdcl-export": {"ckpt", "video"}, "cmdcl-build": {"onnx_path"}, "cmdcl-train": {"clip_weights", "classes"},
+    "cmdcl-serve": {"engine"}, "cmdcl-client classify": {"videos"}, "cmdcl-client load-test": {"videos", "engine"},
+}
+ENGINE = ["models/v1.plan", "models/v1.frame_encoder.plan", "models/v1.head.plan"]
+ENGINE += [f"{path}.json" for path in ENGINE]  # each engine's sidecar
+ONNX = ["models/m.onnx", "models/m.frame_encoder.onnx", "models/m.head.onnx"]
+# (command, arguments (a required output among them is given again by the case), what it reads with them, the
+# output options walked: None for all of them); latest.plan -> models/v1.plan and latest.onnx -> models/m.onnx
+SCENARIOS = [
+    ("cmdcl-run", ["in.mp4", "--engine", "latest.plan", "--mode", "stream"], ["in.mp4", "latest.plan", *ENGINE], None),
+    ("cmdcl-run", ["in.mp4", "--engine", "models/m.onnx", "--mode", "stream"], ["in.mp4", *ONNX], None),
+    ("cmdcl-run", ["in.mp4", "--engine", "ckpt.pt"], ["in.mp4", "ckpt.pt"], ["--output", "--overlay"]),
+    ("cmdcl-run", ["in.mp4"], ["in.mp4"], ["--output", "--overlay"]),  # the demo model: in cmdcl's cache (CMDCL_FILES)
+    ("cmdcl-eval", ["--ckpt", "latest.plan", "--data", "train.csv", "--mode", "stream"], ["train.csv", "latest.plan", *ENGINE],
+     ["--json"]),
+    ("cmdcl-eval", ["--ckpt", "ckpt.pt", "--data", "train.csv", "--interventions", "--probe-labels", "probe.csv"],
+     ["ckpt.pt", "train.csv", "probe.csv"], None),
+    ("cmdcl-bench", ["--engine", "latest.onnx", "--engine", "models/v1.plan", "--video", "in.mp4", "--long-video", "long.mp4",
+                     "--stages", "head", "--iters", "1", "--warmup", "0", "-q"],
+     ["latest.onnx", *ONNX, *ENGINE, "in.mp4", "long.mp4"], None),
+    ("cmdcl-export", ["--ckpt", "ckpt.pt", "--video", "in.mp4", "--no-verify"], ["ckpt.pt", "in.mp4"], None),
+    ("cmdcl-build", ["latest.onnx"], ["latest.onnx", *ONNX], None),
+    ("cmdcl-train", ["--data", "train.csv", "--val", "val.csv", "--classes", "classes.txt", "--clip-weights", "clip.pt",
+                     "--batch-size", "1", "--out", "model.pt"],
+     ["train.csv", "val.csv", "classes.txt", "clip.pt", "in.mp4"], None),  # in.mp4: the manifests' video
+    ("cmdcl-synth", ["--videos", "1", "--size", "16"], [], None),
+    ("cmdcl-mini-vlm", ["--pairs", "2", "--heldout", "2", "--epochs", "1", "--batch-size", "2", "--out", "vlm.pt"], [], None),
+]
+CMDCL_FILES = ["xdg/cmdcl/demo-0123456789abcdef/model.head.onnx", "xdg/cmdcl/bench/testsrc2.mp4",  # the cache
+               "assets/cmdcl_tiny_synth.pt"]  # the bundled assets (cmdcl.assets.ASSETS, moved here)
+REFUSED = re.compile(r"refusing to overwrite it|are the same file|refusing to write there|is a file")
+
+
+def console_commands():
+    """(name, click command) of every console script in setup.py; a group's subcommands each on their own."""
+    import importlib
+
+    import click
+
+    for script, module, attr in re.findall(r'"(cmdcl-[\w-]+)=([\w.]+):(\w+)"', (ROOT / "setup.py").read_text()):
+        command = getattr(importlib.import_module(module), attr)
+        if isinstance(command, click.Group):
+            yield from ((f"{script} {name}", sub) for name, sub in command.commands.items())
+        else:
+            yield script, command
+
+
+def output_params(command):
+    from cmdcl.cli.options import OutputPath
+
+    return [param for param in command.params if isinstance(param.type, OutputPath)]
+
+
+def test_every_path_or_output_like_option_is_a_declared_output_or_a_known_input():
+    import click
+
+    commands = dict(console_commands())
+    assert set(INPUTS) <= set(commands)
+    for name, command in commands.items():
+        outputs = output_params(command)
+        for param in command.params:
+            looks_like_a_path = isinstance(param.type, click.Path) or (isinstance(param.type, click.types.StringParamType)
+                                                                       and OUTPUT_WORDS & set(param.name.split("_")))
+            if param in outputs or not looks_like_a_path or param.name in INPUTS.get(name, ()):
+                continue
+            pytest.fail(f"{name} {param.opts[0]}: an output? Give it type=OutputPath and pass it to check_outputs; "
+                        f"an input? List it in INPUTS (and in a scenario's inputs)")
+        assert INPUTS.get(name, set()) <= {param.name for param in command.params}, name
+        walked = {option for command, _, _, options in SCENARIOS if command == name
+                  for option in options or [param.opts[0] for param in outputs]}
+        assert walked == {param.opts[0] for param in outputs}, f"{name}: walk each output option in a SCENARIOS entry"
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """Every file the scenarios read, a few bytes each, with latest.* symlinks to the models; cmdcl's cache and
+    bundled assets moved into tmp_path. Returns a snapshot function of everything under tmp_path."""
+    import cmdcl.assets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cmdcl.assets, "ASSETS", tmp_path / "assets")
+    contents = {"train.csv": "path,label\nin.mp4,a\n", "val.csv": "path,label\nin.mp4,a\n", "classes.txt": "a\n",
+                "probe.csv": "video,label\nin.mp4,x\n"}
+    for name in {path for _, _, inputs, _ in SCENARIOS for path in inputs if not path.startswith("latest")} | set(CMDCL_FILES):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(contents.get(name, f"the bytes of {name}\n"))
+    Path("latest.plan").symlink_to("models/v1.plan")
+    Path("latest.onnx").symlink_to("models/m.onnx")
+
+    def snapshot():
+        return {path: os.readlink(path) if path.is_symlink() else path.read_bytes() if path.is_file() else "dir"
+                for path in sorted(tmp_path.rglob("*"))}
+
+    return snapshot
+
+
+def walk_cases(args, inputs, outputs):
+    """(arguments, what they try[, (a symlink to make, its target)]) for each output option in `outputs` after `args`."""
+    for i, option in enumerate(outputs):
+        for n, target in enumerate([*inputs, *CMDCL_FILES]):
+            yield [*args, option, target], f"{option} at {target}"
+            link = f"link{i}-{n}{Path(target).suffix}"
+            yield [*args, option, link], f"{option} at {link} -> {target}", (link, target)
+        for other in outputs[i + 1:]:
+            yield [*args, option, "new.out", other, "new.out"], f"{option} and {other} at one new file"
+
+
+@pytest.mark.parametrize("index", range(len(SCENARIOS)), ids=[f"{s[0]}-{i}" for i, s in enumerate(SCENARIOS)])
+def test_no_output_of_any_command_overwrites_what_it_reads(index, world):
+    name, scenario_args, inputs, outputs = SCENARIOS[index]
+    command = dict(console_commands())[name]
+    for args, tried, *link in walk_cases(scenario_args, inputs, outputs or [param.opts[0] for param in output_params(command)]):
+        if link:  # made per case: a link left from an earlier case would be one more file it might not overwrite
+            Path(link[0][0]).symlink_to(link[0][1])
+        before = world()
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output, f"{name} {tried}: {result.output}"
+        lines = result.stderr.strip().splitlines()
+        if result.exit_code == 1:  # the clash check: one line
+            assert len(lines) == 1 and lines[0].startswith(f"{name.split()[0]}: error: "), f"{name} {tried}: {result.stderr}"
+        assert REFUSED.search(lines[-1]), f"{name} {tried}: {result.stderr}"  # exit 2: click's own check of a folder
+        assert world() == before, f"{name} {tried} changed files"
+        if link:
+            Path(link[0][0]).unlink()
+
+
+def test_a_symlinked_model_runs_with_the_split_graphs_of_the_file_it_points_to(exported, tmp_path):
+    """`latest.onnx -> models/m.onnx`: stream mode reads models/m.*.onnx (what the clash checks protect), not latest.*.onnx."""
+    from cmdcl.runtime import load_backend
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for path in exported.values():
+        (models / path.name.replace("model", "m", 1)).write_bytes(path.read_bytes())
+    link = tmp_path / "latest.onnx"
+    link.symlink_to("models/m.onnx")
+    frames = np.zeros((1, 4, 32, 32, 3), np.uint8)
+    with load_backend(link) as backend:
+        tokens = backend.encode_frames(frames[0])
+        np.testing.assert_allclose(backend.classify_tokens(tokens[None]), backend.classify_clips(frames), rtol=1e-4, atol=1e-5)
+
+
+def test_model_files_are_those_of_a_symlinks_target(tmp_path):
+    from cmdcl.artifacts import model_files
+
+    (tmp_path / "latest.plan").symlink_to("models/v1.plan")
+    (tmp_path / "latest.onnx").symlink_to("models/m.onnx")
+    models = tmp_path / "models"
+    assert model_files(tmp_path / "latest.onnx", "the model") == [
+        ("the model", tmp_path / "latest.onnx"), ("the model's frame_encoder graph", models / "m.frame_encoder.onnx"),
+        ("the model's head graph", models / "m.head.onnx")]
+    assert [path.name for _, path in model_files(tmp_path / "latest.plan", "the model")] == [
+        "latest.plan", "v1.frame_encoder.plan", "v1.head.plan", "v1.plan.json", "v1.frame_encoder.plan.json", "v1.head.plan.json"]
+    assert model_files(tmp_path / "m.pt", "--ckpt") == [("--ckpt", tmp_path / "m.pt")]  # a checkpoint is the whole model
+
+
+# ---- the demo model's cache ---------------------------------------------------------------------------------
+@pytest.fixture
+def demo_cache(make_model, tmp_path, monkeypatch):
+    """cmdcl's cache in tmp_path, and a small model standing in for the bundled demo checkpoint (it exports in seconds)."""
+    import cmdcl.assets
+    from cmdcl.model import save_checkpoint
+
+    checkpoint = save_checkpoint(make_model(num_classes=3), tmp_path / "demo.pt")
+    monkeypatch.setattr(cmdcl.assets, "demo_checkpoint", lambda: checkpoint)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "cmdcl"
+
+
+def test_the_demo_cache_checks_itself_and_is_exported_again_when_damaged_or_stale(demo_cache):
+    from cmdcl import __version__
+    from cmdcl.artifacts import graph_path
+    from cmdcl.runtime.backends import DEMO_RECORD, demo_engine, load_backend
+
+    model = demo_engine()
+    frames = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), np.uint8)
+    with load_backend() as backend:
+        expected = backend.classify_clips(frames)
+    record = model.parent / DEMO_RECORD
+    damages = [lambda: model.write_text('{"video": "v.mp4"}\n'),  # what `cmdcl-run -o` once wrote there
+               lambda: graph_path(model, "head").unlink(),
+               lambda: graph_path(model, "frame_encoder").write_bytes(b""),
+               lambda: record.write_text(record.read_text().replace(__version__, "0.0.0")),  # exported by another version
+               lambda: record.unlink()]  # a cache from before the record
+    for damage in damages:
+        damage()
+        with load_backend() as backend:  # exports it again (demo_engine), then reads every graph
+            tokens = backend.encode_frames(frames[0])
+            np.testing.assert_allclose(backend.classify_tokens(tokens[None]), expected, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(backend.classify_clips(frames), expected, rtol=1e-4, atol=1e-5)
+        assert json.loads(record.read_text())["cmdcl"] == __version__
+    assert sorted(os.listdir(demo_cache)) == [model.parent.name, model.parent.name + ".lock"]  # nothing left aside
+
+
+def test_the_demo_cache_is_checked_and_exported_under_a_lock(demo_cache, monkeypatch):
+    """Two first runs at once: the second waits for the first's export instead of exporting over it."""
+    import fcntl
+
+    from cmdcl import export
+    from cmdcl.runtime.backends import demo_engine
+
+    held = []
+    export_onnx = export.export_onnx
+
+    def export_while_checking_the_lock(*args, **kwargs):
+        (lock,) = demo_cache.glob("*.lock")
+        with open(lock) as other:  # another process's try
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(lock.name)
+        return export_onnx(*args, **kwargs)
+
+    monkeypatch.setattr(export, "export_onnx", export_while_checking_the_lock)
+    model = demo_engine()
+    assert held == [f"{model.parent.name}.lock"]
+    assert demo_engine() == model and held == [f"{model.parent.name}.lock"]  # intact: not exported again

@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 
 from ..data.video import open_video, read_clip
-from ..runtime.backends import cache_dir
+from ..output_files import cache_dir
 
 VIDEO_SIZE, VIDEO_RATE = (1280, 720), 30
 BENCH_GOP_SECONDS = 2  # a common keyframe interval

@@ -12,6 +12,7 @@ from ..bench.stages import STAGES
 from ..bench.variants import BACKENDS
 from ..errors import ExitCode
 from .errors import EXPECTED, cli_errors
+from .options import OutputPath
 
 
 def _int_list(ctx, param, value):
@@ -67,10 +68,10 @@ def _stage_list(ctx, param, value):
               help="Stream mode: new grid frames per window update (default: the model's, F/2).")
 @click.option("--cuda-graphs", is_flag=True,
               help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_path", type=OutputPath(dir_okay=False, path_type=Path),
               help="Write the records and the machine as JSON here.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Save a PNG of latency per stage and backend.")
-@click.option("--markdown", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--plot", type=OutputPath(dir_okay=False, path_type=Path), help="Save a PNG of latency per stage and backend.")
+@click.option("--markdown", type=OutputPath(dir_okay=False, path_type=Path),
               help="Write the tables as Markdown (for benchmarks/RESULTS.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 @click.option("--debug", is_flag=True, help="Tracebacks instead of one-line errors; a failing stage stops the run.")
@@ -91,6 +92,7 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     does not depend on the weights. GPU timings use CUDA events after warm-up;
     GPU-only backends are skipped, with the reason, when no GPU is visible.
     """
+    from ..artifacts import model_files
     from ..bench import report as output
     from ..bench.runner import Bench, BenchSettings
     from ..output_files import atomic_write, check_outputs
@@ -99,7 +101,8 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
         raise click.UsageError("--frames applies to the generated models; an --engine's frame count is fixed")
     with cli_errors("cmdcl-bench", debug):  # fail before an hour of measuring, not after
         check_outputs([("--json", json_path), ("--plot", plot), ("--markdown", markdown)],
-                      [*[("the --engine model", path) for path in engines], ("--video", video), ("--long-video", long_video)])
+                      [*[file for path in engines for file in model_files(path, "the --engine model")], ("--video", video),
+                       ("--long-video", long_video)])
     settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"),
                              batches=batches, frames=frames,
                              classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,

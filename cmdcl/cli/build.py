@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from .errors import cli_errors
+from .options import OutputPath
 
 
 @click.command()
 @click.argument("onnx_path", metavar="MODEL.onnx", type=click.Path(path_type=Path))
-@click.option("--engine", type=click.Path(path_type=Path), default=None,
+@click.option("--engine", type=OutputPath(path_type=Path), default=None,
               help="Engine file to write [default: MODEL.plan]; a JSON sidecar ENGINE.json goes next to it.")
 @click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Engine precision; LayerNorm, softmax and the classifier stay fp32. An fp32 ONNX file is converted "
@@ -21,7 +22,7 @@ from .errors import cli_errors
               help="Largest batch of the optimisation profile (min 1).")
 @click.option("--opt-batch", default=None, type=click.IntRange(min=1),
               help="Batch TensorRT tunes for [default: --max-batch].")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+@click.option("--timing-cache", type=OutputPath(path_type=Path), default=None,
               help="TensorRT timing cache: read if it exists, updated after the build.")
 @click.option("--split/--no-split", default=True, show_default=True,
               help="Also build MODEL.frame_encoder.onnx and MODEL.head.onnx when they exist "
@@ -38,7 +39,7 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     """
     from tqdm import tqdm
 
-    from cmdcl.artifacts import read_sidecar, sidecar_path
+    from cmdcl.artifacts import model_files, read_sidecar, sidecar_path
     from cmdcl.export.tensorrt_build import build_engine, split_pairs
     from cmdcl.output_files import check_outputs
 
@@ -47,7 +48,7 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     with cli_errors("cmdcl-build", debug):
         # before building: no engine, sidecar or timing cache may overwrite a model file or each other
         outputs = [*[("--engine", plan) for _, plan in pairs], *[("the engine's sidecar", sidecar_path(plan)) for _, plan in pairs]]
-        check_outputs([*outputs, ("--timing-cache", timing_cache)], [("the model", part) for part, _ in pairs])
+        check_outputs([*outputs, ("--timing-cache", timing_cache)], model_files(onnx_path, "the model"))
         for part, plan in tqdm(pairs, desc="cmdcl-build", unit="engine", file=sys.stderr,
                                disable=True if len(pairs) == 1 else None):  # None: no bar off a terminal
             build_engine(part, plan, precision=precision, max_batch=max_batch, timing_cache=timing_cache, opt_batch=opt_batch)

@@ -7,7 +7,7 @@ import json
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
-from .options import seconds_list
+from .options import OutputPath, seconds_list
 
 
 @click.command(context_settings={"show_default": True})
@@ -23,9 +23,9 @@ from .options import seconds_list
 @click.option("--split", default="test", type=click.Choice(["train", "test"]), help="Split of a dataset folder.")
 @click.option("--target", default="label", type=click.Choice(["label", "segments"]),
               help="Labels from the manifest's label column or its segments.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics (with the per-class table) as JSON.")
+@click.option("--json", "json_path", type=OutputPath(dir_okay=False), help="Also write the metrics (with the per-class table) as JSON.")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1))
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips here.")
+@click.option("--cache-dir", type=OutputPath(file_okay=False), help="Cache decoded clips here.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, ...")
 @click.option("--sampling", default="exact", type=click.Choice(["exact", "keyframe"]),
               help="exact: each segment's centre frame (as in training); keyframe: each segment's keyframe where it has one (faster).")
@@ -70,12 +70,14 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
         raise click.UsageError("--probe-labels needs --interventions")
     # ValueError: the data checks of cmdcl.train (classes that differ from the model's, no video readable, ...)
     with cli_errors("cmdcl-eval", debug, expected=WITH_DATA_ERRORS):
+        from cmdcl.artifacts import model_files
         from cmdcl.data.datasets import load_dataset
         from cmdcl.output_files import check_outputs
         from cmdcl.runtime.decode_pool import default_workers
         from cmdcl.train.loop import pick_device
 
-        check_outputs([("--json", json_path)], [("--ckpt", ckpt), ("--data", data), ("--probe-labels", probe_labels)])
+        check_outputs([("--json", json_path)], [*model_files(ckpt, "--ckpt"), ("--data", data), ("--probe-labels", probe_labels),
+                                                ("--cache-dir", cache_dir)])
         if mode == "stream":
             from cmdcl.runtime import Recognizer, load_backend
             from cmdcl.train.stream_eval import evaluate_stream

@@ -10,12 +10,12 @@ import click
 from ..artifacts import TOLERANCES
 from ..errors import CmdclError
 from .errors import cli_errors
-from .options import seconds_list
+from .options import OutputPath, seconds_list
 
 
 @click.command()
 @click.option("--ckpt", required=True, type=click.Path(path_type=Path), help="CMDCL checkpoint (model.pt).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=OutputPath(path_type=Path), default=None,
               help="Output ONNX file [default: the checkpoint's name with .onnx]. With --split, "
                    "<stem>.frame_encoder.onnx and <stem>.head.onnx are written next to it.")
 @click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (17-20).")
@@ -29,15 +29,15 @@ from .options import seconds_list
                    f"fail if outside the tolerances (fp32 {TOLERANCES['fp32']:g}, fp16 {TOLERANCES['fp16']:g}; docs/design.md section 7).")
 @click.option("--video", type=click.Path(path_type=Path), default=None,
               help="Verify on this video instead of the demo video.")
-@click.option("--engine", type=click.Path(path_type=Path), default=None,
+@click.option("--engine", type=OutputPath(path_type=Path), default=None,
               help="Also build a TensorRT engine (needs TensorRT and a GPU) at this path.")
 @click.option("--engine-precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Precision of the --engine build.")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Largest batch of the engine's optimisation profile (and of the --triton-repo models).")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+@click.option("--timing-cache", type=OutputPath(path_type=Path), default=None,
               help="TensorRT timing cache file, read and updated by the --engine build.")
-@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--triton-repo", type=OutputPath(file_okay=False, path_type=Path), default=None,
               help="Also write a Triton Inference Server model repository here: frame_encoder and head with dynamic "
                    "batching, a BLS model cmdcl for whole clips, a sequence-batching cmdcl_stream for cameras. "
                    "Only model directories that cmdcl-export wrote are replaced; anything else there is kept.")
@@ -98,12 +98,12 @@ def _stale_split_graphs(out: Path) -> list[Path]:
 def _check_paths(ckpt, out, split, video, engine, timing_cache, triton_repo, stale) -> None:
     """Before anything loads or is written: no output is an input or another output, each can be written,
     and none lies in a model directory that writing the Triton repository replaces."""
-    from cmdcl.artifacts import sidecar_path
+    from cmdcl.artifacts import model_files, sidecar_path
     from cmdcl.export.onnx_export import output_paths
     from cmdcl.output_files import check_outputs
     from cmdcl.serve.triton_repo import check_triton_repo
 
-    inputs = [("--ckpt", ckpt), ("--video", video)]
+    inputs = [*model_files(ckpt, "--ckpt"), ("--video", video), ("--triton-repo", triton_repo)]
     outputs = [("--out" if role == "full" else f"--out's {role} graph", path) for role, path in output_paths(out, split).items()]
     if engine:
         engines = list(output_paths(engine, split).values())  # the engines are named as the graphs are

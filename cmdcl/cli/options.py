@@ -7,6 +7,12 @@ import math
 import click
 
 
+class OutputPath(click.Path):
+    """click.Path for an option the command writes (a file, or with file_okay=False a folder). Each goes through the
+    command's clash check (cmdcl.output_files.check_outputs; cmdcl-synth's folder: its own check of what it replaces)
+    before anything loads; tests/test_output_safety.py finds them by this type and points each at every input."""
+
+
 def seconds_list(ctx, param, value) -> tuple[float, ...] | None:
     """A click callback for options in seconds written `8` or `8,32` (an option given several times: all its values,
     in order), each a positive, finite number. How many, and how they fit the model, the command checks once the

@@ -10,7 +10,7 @@ import click
 from ..errors import ExitCode
 from ..runtime.backends import BACKENDS
 from .errors import cli_errors, end_on_sigterm
-from .options import seconds_list
+from .options import OutputPath, seconds_list
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -32,7 +32,7 @@ from .options import seconds_list
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels reported per result (single-label models).")
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="Report only labels scoring at least this; multi-label models report every label over it (default 0.5).")
-@click.option("--output", "-o", type=click.Path(), help="Write records here instead of stdout.")
+@click.option("--output", "-o", type=OutputPath(), help="Write records here instead of stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]),
               help="Record format. Default: from --output's suffix, else jsonl.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Video mode: videos per model call.")
@@ -46,8 +46,8 @@ from .options import seconds_list
 @click.option("--decode", "grid_decode", type=click.Choice(["keyframes", "all"]),
               help="Stream mode: keyframes (default) decodes only keyframes while they come at least once per grid step, "
                    "each grid time taking the nearest one, and every frame otherwise; all always decodes every frame.")
-@click.option("--plot", type=click.Path(), help="Stream mode: save a PNG of label scores over time.")
-@click.option("--overlay", type=click.Path(), help="Write a copy of the (single) input video with its labels drawn on it.")
+@click.option("--plot", type=OutputPath(), help="Stream mode: save a PNG of label scores over time.")
+@click.option("--overlay", type=OutputPath(), help="Write a copy of the (single) input video with its labels drawn on it.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Seconds any network open or read may wait before it fails (or reconnects).")
 @click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True,
@@ -70,6 +70,7 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     loaded or an output cannot be written, 2 for bad options, 130 on Ctrl-C
     (143 on SIGTERM, which also ends the run cleanly).
     """
+    from ..artifacts import model_files
     from ..data.video import RUNTIME_SAMPLING, Reconnect
     from ..output_files import check_outputs
     from ..runtime.output import RecordWriter, partial_path
@@ -97,7 +98,9 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
 
     with cli_errors("cmdcl-run", debug, interrupted=records_so_far):
         # before the model loads: a clash or an unwritable output is found at once
-        check_outputs(outputs, [*_model_files(engine), *[("the input", source) for source in sources]])
+        # (without --engine, the demo model: in cmdcl's cache, where check_outputs lets no output go)
+        check_outputs(outputs, [*(model_files(engine, "the --engine model") if engine else []),
+                                *[("the input", source) for source in sources]])
         writer = RecordWriter(output, fmt)
         progress = _progress(len(sources), quiet)
         with writer, contextlib.closing(progress):
@@ -130,19 +133,6 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
 
             write_overlay(sources[0], records, overlay)
     sys.exit(ExitCode.INPUTS_FAILED if failed else ExitCode.OK)
-
-
-def _model_files(engine) -> list[tuple[str, object]]:
-    """The model file and the files the runtime reads with it: its split graphs (and a TensorRT engine's JSON sidecars)."""
-    if engine is None:
-        return []
-    from ..artifacts import SPLIT_ROLES, graph_path, sidecar_path
-
-    files = [("the --engine model", engine)]
-    files += [("the --engine model's split graph", graph_path(engine, role)) for role in SPLIT_ROLES]
-    if not str(engine).lower().endswith((".onnx", ".pt")):  # a TensorRT engine: each has a JSON sidecar
-        files += [("the --engine model's sidecar", sidecar_path(path)) for _, path in files]
-    return files
 
 
 def _stream_note(recognizer, window, stride) -> str:

@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
+from .options import OutputPath
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", required=True, type=OutputPath(file_okay=False),
               help="Folder for the MP4s, manifest.csv, classes.txt, actions.txt and backgrounds.csv.")
 @click.option("--videos", default=140, type=click.IntRange(min=1), help="Number of videos (activities balanced).")
 @click.option("--seed", default=0, type=int)

@@ -8,6 +8,7 @@ import sys
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
+from .options import OutputPath
 
 
 def _model_options(ctx, param, values) -> dict:
@@ -29,7 +30,7 @@ def _model_options(ctx, param, values) -> dict:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--data", required=True, help="Training data: a CSV manifest, or a Breakfast/COIN/Charades folder (train split).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write (OUT.resume holds the resume state).")
+@click.option("--out", required=True, type=OutputPath(dir_okay=False), help="Checkpoint to write (OUT.resume holds the resume state).")
 @click.option("--preset", "preset_name", default="tiny", type=click.Choice(["tiny", "base"]), help="Model size.")
 @click.option("--epochs", default=10, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Global batch (split across torchrun processes).")
@@ -56,7 +57,7 @@ def _model_options(ctx, param, values) -> dict:
 @click.option("--candidates", default=2, type=click.IntRange(min=0),
               help="Frames decoded once per segment; training picks one at random each epoch. "
                    "0: decode every epoch at random times (exact, slower).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Cache decoded clips and VLM features here.")
+@click.option("--cache-dir", type=OutputPath(file_okay=False), help="Cache decoded clips and VLM features here.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume if it exists (same options).")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--val", "val_data", help="Manifest evaluated after training; its metrics go into the checkpoint.")
@@ -78,7 +79,7 @@ def main(preset_name, val_data, debug, **options):
         out = options["out"]  # before anything loads: the checkpoint and its resume state overwrite no input
         check_outputs([("--out", out), ("--out's resume state", out + ".resume")],
                       [("--data", options["data"]), ("--val", val_data), ("--classes", options["classes"]),
-                       ("--clip-weights", options["clip_weights"])])
+                       ("--clip-weights", options["clip_weights"]), ("--cache-dir", options["cache_dir"])])
         opts = TrainOptions(preset=preset_name, val=val_data, **options)
         command = shlex.join(["cmdcl-train", *sys.argv[1:]])
         model = train(opts, command=command)

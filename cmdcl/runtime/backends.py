@@ -21,6 +21,7 @@ model next to it (`check_same_export`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import numpy as np
 
 from ..artifacts import GRAPH_ROLES, GraphRole, graph_io, graph_path, read_sidecar, stride_frames, window_seconds
 from ..errors import CmdclError
+from ..output_files import cache_dir
 
 if TYPE_CHECKING:
     from ..model.config import CMDCLConfig
@@ -388,12 +390,16 @@ def load_backend(engine=None, backend: str = "auto", device: str = "cpu", thread
     raise BackendError(f"{path}: the {kind} backend runs .onnx files")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdcl"
+DEMO_MODEL = "model.onnx"  # in the demo cache folder, with its split graphs
+DEMO_RECORD = "cmdcl-cache.json"  # what the cache folder must hold: its source and each file's hash
 
 
 def demo_engine() -> Path:
-    """The bundled demo checkpoint exported to ONNX, cached by the checkpoint's hash."""
+    """The bundled demo checkpoint exported to ONNX, cached in cmdcl's cache folder by the checkpoint's hash.
+
+    The cache checks itself on every use: a record beside the graphs holds the checkpoint's and each graph's SHA-256
+    and the cmdcl version that exported them; a missing, damaged or stale cache is exported again, aside, and renamed
+    into place whole. A lock makes concurrent first runs wait for one export instead of racing."""
     try:
         from .. import assets
     except ImportError:
@@ -402,24 +408,72 @@ def demo_engine() -> Path:
         checkpoint = Path(assets.demo_checkpoint())
     except FileNotFoundError as exc:
         raise BackendError(f"no --engine given and the demo model is missing: {exc}") from None
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
-    target = cache_dir() / f"demo-{digest}"
-    model = target / "model.onnx"
-    if not graph_path(model, "head").exists():
-        import shutil
-        import tempfile
+    digest = _sha256(checkpoint)
+    target = cache_dir() / f"demo-{digest[:16]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.with_name(target.name + ".lock")):
+        intact = _demo_record(target, digest)
+        if intact is None or intact != _read_record(target):
+            _export_demo(checkpoint, target, digest)
+    return target / DEMO_MODEL
 
-        from ..export import export_onnx
-        from ..model import load_checkpoint
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".export-"))
-        try:
-            export_onnx(load_checkpoint(checkpoint), tmp / model.name)
-            os.replace(tmp, target)  # atomic: a concurrent first run sees all files or none
-        except OSError:
-            if not graph_path(model, "head").exists():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return model
+def _export_demo(checkpoint: Path, target: Path, digest: str) -> None:
+    """Export the demo checkpoint into a new folder, record its hashes, and rename it onto `target` (a damaged
+    cache is moved aside first and removed with the staging folder)."""
+    import json
+
+    from ..export import export_onnx
+    from ..model import load_checkpoint
+    from ..output_files import temporary_dir
+
+    with temporary_dir(target.parent, target.name) as staging:
+        fresh = staging / "export"
+        fresh.mkdir()
+        export_onnx(load_checkpoint(checkpoint), fresh / DEMO_MODEL)
+        (fresh / DEMO_RECORD).write_text(json.dumps(_demo_record(fresh, digest), indent=2) + "\n")
+        if target.exists() or target.is_symlink():
+            os.rename(target, staging / "damaged")
+        os.rename(fresh, target)
+
+
+def _demo_record(target: Path, digest: str) -> dict | None:
+    """The record an intact, current demo cache in `target` holds, from the graphs the runtime reads there now
+    (None: one is missing)."""
+    from .. import __version__
+
+    try:
+        files = {path.name: _sha256(path) for path in (graph_path(target / DEMO_MODEL, role) for role in GRAPH_ROLES)}
+    except OSError:
+        return None
+    return {"checkpoint": digest, "cmdcl": __version__, "files": files}
+
+
+def _read_record(target: Path) -> dict | None:
+    import json
+
+    try:
+        return json.loads((target / DEMO_RECORD).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock (flock) on `path`, created if needed, held for the block."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
