@@ -391,3 +391,22 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path, monkeypatch):
     one_line_error(result, f"cmdcl-train: interrupted; {tmp_path / 'x.pt'} and its .resume file keep the last completed epoch", code=130)
     monkeypatch.setattr("cmdcl.model.load_checkpoint", interrupted)
     one_line_error(CliRunner().invoke(eval_cli, ["--ckpt", "m.pt", "--data", "m.csv"]), "cmdcl-eval: interrupted", code=130)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x80\x02garbage that is no pickle" * 50, "not a readable weights file"),
+    (b"hello\n", "not a readable weights file"),
+    ({"a": torch.zeros(2)}, "not CLIP weights (no 'visual.conv1.weight' tensor)"),
+    ({"visual.conv1.weight": torch.zeros(8, 3, 4, 4), "visual.positional_embedding": torch.zeros(5, 8)},
+     "not CLIP weights (no 'visual.proj' tensor)"),
+])
+def test_a_file_that_is_not_clip_weights_is_one_line_naming_it(synth, tmp_path, content, message):
+    weights = tmp_path / "clip.pt"
+    if isinstance(content, bytes):
+        weights.write_bytes(content)
+    else:
+        torch.save(content, weights)
+    args = ["--data", str(synth["train"]), "--out", str(tmp_path / "x.pt"), "--epochs", "1", "--clip-weights", str(weights)]
+    result = CliRunner().invoke(train_cli, args)
+    one_line_error(result, f"{weights}: {message}")
+    assert "unexpected" not in result.output and not (tmp_path / "x.pt").exists()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CmdclError, first_line
 from .config import TextConfig, VisionConfig
 
 
@@ -287,13 +288,29 @@ def clip_configs_from_state_dict(state: dict, activation: str = "quick_gelu") ->
     return vision, text
 
 
+class ClipWeightsError(CmdclError, ValueError):
+    """A CLIP weights file that cannot be read or does not hold CLIP's weights; one line naming it."""
+
+
 def load_clip(path: str | Path, activation: str = "quick_gelu") -> CLIP:
     """Build a frozen CLIP from a local weights file (sizes read off the weights): OpenAI's layout, with either
     CLIP's text transformer or (a cmdcl-mini-vlm file) a `minilm_projection` [384, D] as its text side."""
-    state = read_clip_state_dict(path)
-    clip = CLIP(*clip_configs_from_state_dict(state, activation))
-    state.pop("vision_heads", None)  # read into the config
-    clip.load_state_dict_openai(state)
+    from .checkpoint import _unpickler_detail
+
+    try:
+        state = read_clip_state_dict(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # every way a file can fail to load (not a pickle, a refused object, a bad archive): one line
+        raise ClipWeightsError(f"{path}: not a readable weights file ({_unpickler_detail(str(exc))[:200]})") from None
+    try:
+        clip = CLIP(*clip_configs_from_state_dict(state, activation))
+        state.pop("vision_heads", None)  # read into the config
+        clip.load_state_dict_openai(state)
+    except KeyError as exc:
+        raise ClipWeightsError(f"{path}: not CLIP weights (no {exc.args[0]!r:.80} tensor)") from None
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:  # shapes or values that do not fit
+        raise ClipWeightsError(f"{path}: not CLIP weights ({first_line(exc)[:200]})") from None
     return clip.eval().requires_grad_(False)
 
 
