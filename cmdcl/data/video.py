@@ -32,6 +32,7 @@ import math
 import os
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -561,68 +562,98 @@ class GridStatus:
 
 
 class _KeyframeGate:
-    """Packet by packet, whether the decoder decodes every frame or keyframes only (FFmpeg's skip_frame "NONKEY").
+    """Packet by packet, whether the decoder gets every packet or keyframes only.
 
     Keyframes only from the first keyframe on, and again once the last KEYFRAME_GOPS GOPs (keyframe to keyframe,
     from the demuxed packets) each spanned at most the grid step (give or take KEYFRAME_SLACK) and more than one
     but at most MAX_GOP_PACKETS packets (an all-intra source has nothing to skip). Back to every frame as soon as
-    the current GOP grows past either bound: the decoder is drained and flushed and the GOP's packets, kept for
-    this, are decoded again from its keyframe, so every frame from there on is the one full decoding gives.
+    the current GOP proves longer (a packet past either bound, or a keyframe ending it too late): the packets held
+    back since its keyframe are decoded then, so every frame from the keyframe on is the one full decoding gives.
     Starting with keyframes only is therefore safe, and it saves decoding the first GOPs of every source whose
-    keyframes are dense."""
+    keyframes are dense.
 
-    def __init__(self, codec_context, time_base: float, step: float, enabled: bool):
-        self.codec_context, self.time_base, self.enabled = codec_context, time_base, enabled
+    Keyframes only means that the decoder is given nothing but keyframes, not FFmpeg's skip_frame, and falling
+    back gives it the held-back packets, with no drain or flush: decoders differ in both. libdav1d (AV1) reads
+    skip_frame only when it opens, and the first keyframe opened it with "NONKEY": it decoded keyframes only for
+    good, so falling back gave no frames (one window over HTTP, a false "truncated" as a file); other decoders
+    ignore skip_frame. A keyframe needs nothing before it, and the packets after it, given in demuxed order,
+    continue from it as in full decoding, with any decoder. Frames shown before the keyframe (leading frames of
+    an open GOP) need the GOP before it: decoded where that GOP was, dropped on falling back where it was not."""
+
+    def __init__(self, time_base: float, step: float, enabled: bool):
+        self.time_base, self.enabled = time_base, enabled
         self.limit = step * (1 + KEYFRAME_SLACK)
         self.keyframes_only = False
         self.key_pts, self.gop_packets = None, 0  # the last keyframe packet, packets since it
+        self.after_full_gop = True  # the GOP before the last keyframe was decoded in full
         self.dense = KEYFRAME_GOPS  # short GOPs in a row; a source is taken to have them until one proves longer
-        self.gop: list = []  # while keyframes_only: the packets since the last keyframe, to decode again on falling back
-        self.key_out = None  # pts of the last keyframe decoded (it comes again when the GOP is decoded again)
+        self.gop: list = []  # while keyframes_only: the packets held back since the last keyframe
+        # pts of keyframes decoded keyframes-only, in decoding order, until their frames come (a decoder holds back a few)
+        self.nearest: deque = deque(maxlen=MAX_GOP_PACKETS)
+        self.leading: set = set()  # pts of the leading frames of the GOP decoded on falling back, until they come
+        self.leading_key = None  # the pts of that GOP's keyframe
         self.last_pts = None  # the latest pts of any packet
 
     def decode(self, packet) -> Iterator[tuple]:
         """(frame, nearest) for each frame decoded after `packet`; nearest: a keyframe decoded keyframes-only."""
-        if packet.size and packet.pts is not None:
+        timed = bool(packet.size) and packet.pts is not None
+        keyframe = timed and packet.is_keyframe
+        if timed:
             self.last_pts = packet.pts if self.last_pts is None else max(self.last_pts, packet.pts)
-            if packet.is_keyframe:
-                self._keyframe(packet.pts)
-            elif self.keyframes_only and (self._elapsed(packet.pts) > self.limit or len(self.gop) >= MAX_GOP_PACKETS):
-                yield from self._fall_back(packet)
+        if self.keyframes_only and packet.size:
+            if keyframe:
+                if not self._short(packet.pts):  # the GOP it ends was too long after all
+                    yield from self._fall_back()
+            elif self._too_long(packet):
+                yield from self._fall_back()
+            elif not (self.after_full_gop and timed and packet.pts < self.key_pts):  # a leading frame: decodable from that GOP
+                self.gop.append(packet)  # held back
+                self.gop_packets += timed
                 return
-            self.gop_packets += 1
-            if self.keyframes_only:
-                self.gop.append(packet)
-        yield from self._frames(packet.decode(), self.keyframes_only)
+        if keyframe:
+            self._keyframe(packet.pts)
+        self.gop_packets += timed
+        if keyframe and self.keyframes_only:
+            self.nearest.append(packet.pts)
+        yield from self._frames(packet.decode())
 
     def _elapsed(self, pts) -> float:
         return (pts - self.key_pts) * self.time_base
 
+    def _too_long(self, packet) -> bool:
+        """Whether the current GOP, with `packet` (not a keyframe), is too long to decode keyframes only."""
+        return (packet.pts is not None and self._elapsed(packet.pts) > self.limit) or len(self.gop) >= MAX_GOP_PACKETS
+
+    def _short(self, pts) -> bool:
+        """Whether the GOP that the keyframe at `pts` ends is short enough to decode keyframes only."""
+        return 0 < self._elapsed(pts) <= self.limit and 1 < self.gop_packets <= MAX_GOP_PACKETS  # 1: all-intra, nothing to skip
+
     def _keyframe(self, pts) -> None:
         if self.key_pts is not None:  # the GOP this keyframe ends
-            dense = 0 < self._elapsed(pts) <= self.limit and 1 < self.gop_packets <= MAX_GOP_PACKETS  # 1: all-intra, nothing to skip
-            self.dense = self.dense + 1 if dense else 0
+            self.dense = self.dense + 1 if self._short(pts) else 0
         self.key_pts, self.gop_packets, self.gop = pts, 0, []
-        keyframes_only = self.enabled and self.dense >= KEYFRAME_GOPS
-        if keyframes_only != self.keyframes_only:  # switching at a keyframe: the decoder needs nothing before it
-            self.keyframes_only = keyframes_only
-            self.codec_context.skip_frame = "NONKEY" if keyframes_only else "DEFAULT"
+        self.after_full_gop = not self.keyframes_only
+        self.keyframes_only = self.enabled and self.dense >= KEYFRAME_GOPS  # switching at a keyframe: it needs nothing before it
 
-    def _fall_back(self, packet) -> Iterator[tuple]:
-        yield from self._frames(self.codec_context.decode(None), True)  # drain: frames still inside the decoder
-        self.codec_context.flush_buffers()
-        self.codec_context.skip_frame = "DEFAULT"
-        replay, self.gop, self.keyframes_only, self.dense = [*self.gop, packet], [], False, 0
-        self.gop_packets = len(replay)
-        for kept in replay:
-            frames = [f for f in kept.decode() if not (f.key_frame and f.pts == self.key_out)]  # the keyframe, again
-            yield from self._frames(frames, False)
+    def _fall_back(self) -> Iterator[tuple]:
+        held, self.gop, self.keyframes_only, self.dense = self.gop, [], False, 0
+        self.leading_key = self.key_pts
+        self.leading = {p.pts for p in held if p.pts is not None and p.pts < self.key_pts}
+        for kept in held:
+            yield from self._frames(kept.decode())
 
-    def _frames(self, frames, keyframes_only: bool) -> Iterator[tuple]:
+    def _frames(self, frames) -> Iterator[tuple]:
         for frame in frames:
-            if frame.key_frame:
-                self.key_out = frame.pts
-            yield frame, keyframes_only and frame.key_frame
+            if frame.pts in self.leading:
+                self.leading.discard(frame.pts)
+                continue
+            if self.leading and frame.pts is not None and frame.pts > self.leading_key:  # shown after the keyframe: none is to come
+                self.leading.clear()
+            nearest = frame.pts in self.nearest
+            if nearest:  # done with it, and with keyframes decoded before it whose frames did not come (they never will)
+                while self.nearest.popleft() != frame.pts:
+                    pass
+            yield frame, nearest
 
 
 def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None = None, sleep=time.sleep,
@@ -688,7 +719,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
             tb = float(stream.time_base)
             if endless:  # frame threads hold frames back and cost CPU: a live source needs low latency, not more than real time
                 stream.thread_type = "SLICE"
-            gate = _KeyframeGate(stream.codec_context, tb, 1 / rate, keyframes)
+            gate = _KeyframeGate(tb, 1 / rate, keyframes)
             if endless:  # a new connection, new pts: its first frame comes as long after the held one as the source was away
                 first, shift = None, (held_t + time.monotonic() - held_clock if held is not None else 0.0)
             resume_after = held.pts if held is not None else None  # a reopened file skips frames up to the last one read
