@@ -33,6 +33,28 @@ MAX_GRID_RATE = 1000.0  # grid frames per second (num_frames / window_seconds) a
 MAX_SCALES = 8  # most window lengths one stream mode run takes
 MAX_RING_FRAMES = 4096  # most grid frames the ring buffer keeps: the longest window at the shortest one's grid
 
+# The allowed range of every number a config holds, by field name (vision, text and the top level share
+# width/heads/...). A checkpoint or an export is checked against it before a model, a clip or a token buffer is
+# sized from it; the command-line options (cmdcl.cli.options) are bounded by it too. Generous for real towers:
+# ViT-L/14@336, ViT-bigG (width 1664, 48 layers), 64-frame clips.
+LIMITS = {
+    "image_size": (1, 1024), "patch_size": (1, 1024), "width": (1, 8192), "layers": (1, 64), "heads": (1, 256),
+    "output_dim": (1, 8192), "context_length": (1, 4096), "vocab_size": (1, 1_000_000), "num_frames": (1, 4096),
+    "token_grid": (0, 64), "depth": (0, 64), "mlp_ratio": (0.25, 16.0), "num_bias": (1, 65536),
+    "num_confounders": (1, 65536), "logit_scale_init": (1e-3, 1e3),
+}
+MAX_GRID = 64  # patches per side of a frame (1024 px / 16): the vision tower attends over grid^2 + 1 tokens
+MAX_BUFFER_BYTES = 2**30  # one clip's frames (F x size x size x 3 bytes), and its tokens (F x S x D x 4 bytes)
+MAX_CLASSES, MAX_CLASS_NAME = 100_000, 1000  # class names: how many, and characters in one
+# Stream-mode sampling (a checkpoint's extra["sampling"], an export's metadata): field -> (min, max). A window may span
+# up to a day (one frame of a day-long window: stream_fps 1 / 86400); clip_seconds is the training clips' span it came from.
+SAMPLING_LIMITS = {"stream_fps": (1e-5, 1000.0), "window_seconds": (0.01, 86400.0), "stride_frames": (1, 4096),
+                   "clip_seconds": (0.01, 86400.0)}
+MAX_SAMPLING_SOURCE = 200  # characters of sampling "source": where the values came from, in words
+# The ONNX opsets cmdcl-export writes: LayerNormalization is one op from opset 17 on, which is what lets fp16
+# export keep it in fp32 (and the local function needs 15); torch's TorchScript exporter writes at most 20.
+MIN_OPSET, MAX_OPSET = 17, 20
+
 
 # How far an exported, compiled or fused path may be from the PyTorch reference: relative L2 error
 # ||out - ref|| / ||ref|| of logits and embeddings, by precision (docs/design.md section 7).

@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from ..artifacts import SPLIT_ROLES, GraphRole, graph_io, graph_path
+from ..artifacts import MAX_OPSET, MIN_OPSET, SPLIT_ROLES, GraphRole, graph_io, graph_path
 from ..errors import CmdclError, first_line
 from ..kernels.onnx_node import DOMAIN, OP_VERSION, intervention_function
 from ..model.cmdcl import CMDCL
@@ -30,10 +30,6 @@ from ..output_files import OutputError, atomic_write, check_writable
 from . import metadata
 from .precision import convert_precision
 
-# LayerNormalization is one op from opset 17 on, which is what lets fp16
-# export keep it in fp32 (and the local function needs 15).
-MIN_OPSET = 17
-MAX_OPSET = 20  # the newest opset torch's TorchScript exporter writes
 PRECISIONS = ("fp32", "fp16")
 
 

@@ -13,29 +13,22 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from ..artifacts import MAX_GRID_RATE
+# The limits on every number a config holds live in the artifact contract, which the command-line options use too.
+from ..artifacts import (
+    LIMITS,
+    MAX_BUFFER_BYTES,
+    MAX_CLASS_NAME,
+    MAX_CLASSES,
+    MAX_GRID,
+    MAX_GRID_RATE,
+    MAX_SAMPLING_SOURCE,
+    SAMPLING_LIMITS,
+)
 
 # OpenAI CLIP's preprocessing constants (RGB, images scaled to [0, 1]).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The allowed range of every number a config holds, by field name (vision, text and the top level share
-# width/heads/...). A checkpoint or an export is checked against it before a model, a clip or a token buffer is
-# sized from it. Generous for real towers: ViT-L/14@336, ViT-bigG (width 1664, 48 layers), 64-frame clips.
-LIMITS = {
-    "image_size": (1, 1024), "patch_size": (1, 1024), "width": (1, 8192), "layers": (1, 64), "heads": (1, 256),
-    "output_dim": (1, 8192), "context_length": (1, 4096), "vocab_size": (1, 1_000_000), "num_frames": (1, 4096),
-    "token_grid": (0, 64), "depth": (0, 64), "mlp_ratio": (0.25, 16.0), "num_bias": (1, 65536),
-    "num_confounders": (1, 65536), "logit_scale_init": (1e-3, 1e3),
-}
-MAX_GRID = 64  # patches per side of a frame (1024 px / 16): the vision tower attends over grid^2 + 1 tokens
-MAX_BUFFER_BYTES = 2**30  # one clip's frames (F x size x size x 3 bytes), and its tokens (F x S x D x 4 bytes)
-MAX_CLASSES, MAX_CLASS_NAME = 100_000, 1000  # class names: how many, and characters in one
-# Stream-mode sampling (a checkpoint's extra["sampling"], an export's metadata): field -> (min, max). A window may span
-# up to a day (one frame of a day-long window: stream_fps 1 / 86400); clip_seconds is the training clips' span it came from.
-SAMPLING_LIMITS = {"stream_fps": (1e-5, 1000.0), "window_seconds": (0.01, 86400.0), "stride_frames": (1, 4096),
-                   "clip_seconds": (0.01, 86400.0)}
-MAX_SAMPLING_SOURCE = 200  # characters of sampling "source": where the values came from, in words
 
 
 @dataclass
