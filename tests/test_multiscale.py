@@ -124,8 +124,9 @@ def test_cli_a_failed_source_is_one_failure_whatever_the_scales(tiny_checkpoint,
 
 
 @pytest.mark.parametrize("window, message", [
-    ("", "expected seconds"), ("1,,2", "expected seconds"), ("1,x", "expected seconds"), ("nan", "positive"),
-    ("1,-2", "positive"), ("0", "positive"), (",".join(str(i) for i in range(1, 10)), "1 to 8 different"),
+    ("", "expected seconds"), ("1,,2", "an empty item"), ("1,x", "expected seconds"), ("nan", "'nan' is not a number"),
+    ("1,-2", "-2.0 is not in the range 0<x<=86400"), ("0", "0.0 is not in the range 0<x<=86400"),
+    (",".join(str(i) for i in range(1, 10)), "1 to 8 different"),
     ("0.01,100", "40000 grid frames; at most 4096"),
 ])
 def test_cli_bad_windows_are_one_line_usage_errors(tiny_checkpoint, videos, window, message):  # noqa: F811

@@ -15,13 +15,17 @@ from ..output_files import cache_dir
 VIDEO_SIZE, VIDEO_RATE = (1280, 720), 30
 BENCH_GOP_SECONDS = 2  # a common keyframe interval
 LONG_GOP_SECONDS = 10  # sparse keyframes: seeking has to decode up to 300 frames per target
+MAX_VIDEO_SECONDS = 10 * 3600  # a generated video: 1.08 M frames, within video mode's packet scan (MAX_SCAN_FRAMES)
 
 
 def synthetic_video(seconds: float, gop_seconds: float, log) -> Path:
     """A 720p 30 fps H.264 test pattern (FFmpeg's testsrc2 through PyAV's lavfi input), keyframes every
-    `gop_seconds`, cached under the cmdcl cache directory."""
+    `gop_seconds`, cached under the cmdcl cache directory; ValueError when longer than MAX_VIDEO_SECONDS."""
     import av
 
+    if not 0 < seconds <= MAX_VIDEO_SECONDS:
+        raise ValueError(f"the bench would generate a {seconds:.0f} s test video; at most {MAX_VIDEO_SECONDS} s (10 h): "
+                         "lower --iters, --warmup, --stride-frames or --long-minutes, or give --video / --long-video")
     width, height = VIDEO_SIZE
     seconds = round(seconds, 1)
     path = cache_dir() / "bench" / f"testsrc2-{width}x{height}-{VIDEO_RATE}fps-gop{gop_seconds}s-{seconds:g}s-v2.mp4"

@@ -8,30 +8,13 @@ from pathlib import Path
 
 import click
 
+from ..artifacts import SAMPLING_LIMITS
 from ..bench.stages import STAGES
 from ..bench.variants import BACKENDS
+from ..bench.videos import MAX_VIDEO_SECONDS
 from ..errors import ExitCode
 from .errors import EXPECTED, cli_errors
-from .options import OutputPath
-
-
-def _int_list(ctx, param, value):
-    try:
-        numbers = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers like 1,8,32, got {value!r}") from None
-    if not numbers or min(numbers) < 1:
-        raise click.BadParameter("batch sizes must be integers >= 1")
-    return tuple(dict.fromkeys(numbers))
-
-
-def _stage_list(ctx, param, value):
-    stages = tuple(x.strip() for x in value.split(",") if x.strip())
-    unknown = [x for x in stages if x not in STAGES]
-    if unknown or not stages:
-        what = f"unknown stage {', '.join(unknown)}" if unknown else "no stage given"
-        raise click.BadParameter(f"{what}; choose from {', '.join(STAGES)}")
-    return stages
+from .options import BATCH, CLASSES, FRAMES, THREADS, WORKERS, CommaList, FiniteFloat, OutputPath
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,28 +26,29 @@ def _stage_list(ctx, param, value):
                    "(auto: by suffix).")
 @click.option("--preset", type=click.Choice(["tiny", "base"]), default="tiny", show_default=True,
               help="Model size when no --engine is given (base: CLIP ViT-B/16, 224 px, 64 frames).")
-@click.option("--batch", "batches", default="1", show_default=True, callback=_int_list,
+@click.option("--batch", "batches", default="1", show_default=True, type=CommaList(BATCH, "batch sizes like 1,8,32"),
               help="Batch sizes (clips or streams), comma-separated, e.g. 1,8,32.")
-@click.option("--frames", type=click.IntRange(min=1), help="Frames per clip F for the generated model (default: the preset's).")
-@click.option("--classes", type=click.IntRange(min=1), default=200, show_default=True, help="Classes of the generated model.")
-@click.option("--iters", type=click.IntRange(min=1), default=10, show_default=True, help="Timed calls per stage.")
-@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
+@click.option("--frames", type=FRAMES, help="Frames per clip F for the generated model (default: the preset's).")
+@click.option("--classes", type=CLASSES, default=200, show_default=True, help="Classes of the generated model.")
+@click.option("--iters", type=click.IntRange(1, 10_000), default=10, show_default=True, help="Timed calls per stage.")
+@click.option("--warmup", type=click.IntRange(0, 1000), default=2, show_default=True,
               help="Untimed calls first (compiled variants take at least 3).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: cuda when PyTorch sees a GPU.")
-@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and ONNX Runtime alike (default: PyTorch's default).")
-@click.option("--stages", default=",".join(STAGES), callback=_stage_list, help=f"Comma-separated subset of: {', '.join(STAGES)}.")
+@click.option("--threads", type=THREADS, help="CPU threads for PyTorch and ONNX Runtime alike (default: PyTorch's default).")
+@click.option("--stages", default=",".join(STAGES), type=CommaList(click.Choice(STAGES), "stages like head,clip"),
+              help=f"Comma-separated subset of: {', '.join(STAGES)}.")
 @click.option("--video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Video for the decode, end-to-end and stream stages. Default: a generated 720p H.264 test pattern (cached).")
 @click.option("--long-video", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Long video for seek vs sequential decoding. Default: a generated 720p H.264 with a keyframe every 10 s.")
-@click.option("--long-minutes", type=click.FloatRange(min=0.01), default=10.0, show_default=True,
+@click.option("--long-minutes", type=FiniteFloat(0.01, MAX_VIDEO_SECONDS / 60), default=10.0, show_default=True,
               help="Length of the generated long video.")
 @click.option("--sampling", type=click.Choice(["exact", "keyframe"]), default="exact", show_default=True,
               help="read_clip's sampling in decode_video and end_to_end (decode_per_sample measures both).")
-@click.option("--workers", type=click.IntRange(min=1),
+@click.option("--workers", type=WORKERS,
               help="end_to_end_workers: decoding processes N measured against 1 (default: one per usable CPU core).")
-@click.option("--stride-frames", type=click.IntRange(min=1),
+@click.option("--stride-frames", type=click.IntRange(1, SAMPLING_LIMITS["stride_frames"][1]),
               help="Stream mode: new grid frames per window update (default: the model's, F/2).")
 @click.option("--cuda-graphs", is_flag=True,
               help="On a GPU, also measure PyTorch fp16 with CUDA graphs (torch.compile mode reduce-overhead).")
@@ -104,7 +88,7 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
                       [*[file for path in engines for file in model_files(path, "the --engine model")], ("--video", video),
                        ("--long-video", long_video)])
     settings = BenchSettings(preset=preset, engines=tuple(engines), backends=tuple(b for b in backends if b != "auto"),
-                             batches=batches, frames=frames,
+                             batches=tuple(dict.fromkeys(batches)), frames=frames,
                              classes=classes, iters=iters, warmup=warmup, device=device, threads=threads, stages=stages,
                              video=video, long_video=long_video, long_minutes=long_minutes, stride_frames=stride_frames, sampling=sampling,
                              workers=workers, cuda_graphs=cuda_graphs)

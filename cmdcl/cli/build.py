@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import cli_errors
-from .options import OutputPath
+from .options import BATCH, OutputPath
 
 
 @click.command()
@@ -18,9 +18,9 @@ from .options import OutputPath
 @click.option("--precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Engine precision; LayerNorm, softmax and the classifier stay fp32. An fp32 ONNX file is converted "
                    "in memory; an fp16 one builds fp16 only.")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=32, show_default=True, type=BATCH,
               help="Largest batch of the optimisation profile (min 1).")
-@click.option("--opt-batch", default=None, type=click.IntRange(min=1),
+@click.option("--opt-batch", default=None, type=BATCH,
               help="Batch TensorRT tunes for [default: --max-batch].")
 @click.option("--timing-cache", type=OutputPath(path_type=Path), default=None,
               help="TensorRT timing cache: read if it exists, updated after the build.")
@@ -43,6 +43,8 @@ def main(onnx_path, engine, precision, max_batch, opt_batch, timing_cache, split
     from cmdcl.export.tensorrt_build import build_engine, split_pairs
     from cmdcl.output_files import check_outputs
 
+    if opt_batch is not None and opt_batch > max_batch:
+        raise click.BadParameter(f"{opt_batch} is more than --max-batch {max_batch}", param_hint="--opt-batch")
     engine = engine or onnx_path.with_suffix(".plan")
     pairs = split_pairs(onnx_path, engine) if split else [(onnx_path, engine)]
     with cli_errors("cmdcl-build", debug):

@@ -7,7 +7,7 @@ import json
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
-from .options import OutputPath, seconds_list
+from .options import BATCH, DEVICE, SECONDS_LIST, WORKERS, OutputPath, joined
 
 
 @click.command(context_settings={"show_default": True})
@@ -15,21 +15,21 @@ from .options import OutputPath, seconds_list
               help="CMDCL checkpoint (cmdcl-train's output); with --mode stream also an exported .onnx or .plan model.")
 @click.option("--mode", default="video", type=click.Choice(["video", "stream"]),
               help="video: one clip per video; stream: cmdcl-run's sliding windows, scored per window and per summary.")
-@click.option("--window", "windows", multiple=True, callback=seconds_list,
+@click.option("--window", "windows", multiple=True, type=SECONDS_LIST, callback=joined,
               help="Stream mode: window seconds; repeat or comma-separate to compare several. Default: the model's.")
-@click.option("--stride", "strides", multiple=True, callback=seconds_list,
+@click.option("--stride", "strides", multiple=True, type=SECONDS_LIST, callback=joined,
               help="Stream mode: seconds between windows, one per --window, one for all, or none (the model's default).")
 @click.option("--data", required=True, help="A CSV manifest, or a Breakfast/COIN/Charades folder.")
 @click.option("--split", default="test", type=click.Choice(["train", "test"]), help="Split of a dataset folder.")
 @click.option("--target", default="label", type=click.Choice(["label", "segments"]),
               help="Labels from the manifest's label column or its segments.")
 @click.option("--json", "json_path", type=OutputPath(dir_okay=False), help="Also write the metrics (with the per-class table) as JSON.")
-@click.option("--batch-size", default=16, type=click.IntRange(min=1))
+@click.option("--batch-size", default=16, type=BATCH)
 @click.option("--cache-dir", type=OutputPath(file_okay=False), help="Cache decoded clips here.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, ...")
+@click.option("--device", default="auto", type=DEVICE, help="auto, cpu, cuda or cuda:N.")
 @click.option("--sampling", default="exact", type=click.Choice(["exact", "keyframe"]),
               help="exact: each segment's centre frame (as in training); keyframe: each segment's keyframe where it has one (faster).")
-@click.option("--workers", type=click.IntRange(min=1),
+@click.option("--workers", type=WORKERS,
               help="Processes decoding videos at once; 1 decodes in the main process. Default: one per usable CPU core.")
 @click.option("--interventions", is_flag=True,
               help="Video mode: also report whether the causal interventions do anything (attention spread, logit changes "
@@ -99,8 +99,11 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
         workers = workers or default_workers()
         if mode == "stream":
             def recognizer(window, stride):  # every class in each record; the grid decoded as --sampling says
-                return Recognizer(backend, top_k=len(classes), threshold=0.0, window=window, stride=stride, batch=batch_size,
-                                  sampling=sampling, workers=workers, keyframe_grid=sampling == "keyframe")
+                try:
+                    return Recognizer(backend, top_k=len(classes), threshold=0.0, window=window, stride=stride, batch=batch_size,
+                                      sampling=sampling, workers=workers, keyframe_grid=sampling == "keyframe")
+                except ValueError as exc:  # a window or stride the model cannot take, e.g. too short for its frames
+                    raise click.UsageError(str(exc)) from None
 
             report = evaluate_stream(recognizer, dataset, configs, target)
         else:

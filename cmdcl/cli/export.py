@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from ..artifacts import TOLERANCES
+from ..artifacts import MAX_OPSET, MIN_OPSET, TOLERANCES
 from ..errors import CmdclError
 from .errors import cli_errors
-from .options import OutputPath, seconds_list
+from .options import BATCH, SECONDS_LIST, OutputPath
 
 
 @click.command()
@@ -18,7 +18,8 @@ from .options import OutputPath, seconds_list
 @click.option("--out", type=OutputPath(path_type=Path), default=None,
               help="Output ONNX file [default: the checkpoint's name with .onnx]. With --split, "
                    "<stem>.frame_encoder.onnx and <stem>.head.onnx are written next to it.")
-@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset (17-20).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(MIN_OPSET, MAX_OPSET),
+              help="ONNX opset (LayerNormalization is one op from 17 on; torch writes at most 20).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Weights/compute precision; fp16 keeps LayerNorm, softmax and the classifier in fp32. "
                    "Inputs (uint8 frames) and outputs (fp32) are the same either way.")
@@ -33,7 +34,7 @@ from .options import OutputPath, seconds_list
               help="Also build a TensorRT engine (needs TensorRT and a GPU) at this path.")
 @click.option("--engine-precision", default="fp16", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
               help="Precision of the --engine build.")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+@click.option("--max-batch", default=32, show_default=True, type=BATCH,
               help="Largest batch of the engine's optimisation profile (and of the --triton-repo models).")
 @click.option("--timing-cache", type=OutputPath(path_type=Path), default=None,
               help="TensorRT timing cache file, read and updated by the --engine build.")
@@ -43,7 +44,7 @@ from .options import OutputPath, seconds_list
                    "Only model directories that cmdcl-export wrote are replaced; anything else there is kept.")
 @click.option("--engine-format", default="onnx", show_default=True, type=click.Choice(["onnx", "plan"]),
               help="--triton-repo backend: onnx (ONNX Runtime) or plan (TensorRT; builds --engine, default <out>.plan).")
-@click.option("--stream-window", callback=seconds_list, metavar="SECONDS[,SECONDS...]",
+@click.option("--stream-window", type=SECONDS_LIST, metavar="SECONDS[,SECONDS...]",
               help="--triton-repo: the cmdcl_stream model's window in seconds, or several comma-separated lengths "
                    "(multi-scale, as cmdcl-run --window 8,32). Default: the model's recorded sampling.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")

@@ -7,7 +7,7 @@ import json
 import click
 
 from .errors import cli_errors
-from .options import OutputPath
+from .options import EPOCHS, LEARNING_RATE, SEED, OutputPath
 
 MAX_PAIRS = 200_000  # 96 x 96 RGB frames kept in memory: at most 5.5 GB of corpus
 
@@ -15,14 +15,14 @@ MAX_PAIRS = 200_000  # 96 x 96 RGB frames kept in memory: at most 5.5 GB of corp
 @click.command(context_settings={"show_default": True})
 @click.option("--out", required=True, type=OutputPath(dir_okay=False),
               help="CLIP weights file to write (for cmdcl-train --clip-weights).")
-@click.option("--seed", default=0, type=int, help="Seeds the corpus (its own RNG streams, never a cmdcl-synth split's) and the model.")
+@click.option("--seed", default=0, type=SEED, help="Seeds the corpus (its own RNG streams, never a cmdcl-synth split's) and the model.")
 @click.option("--pairs", default=10_000, type=click.IntRange(min=2, max=MAX_PAIRS),
               help="Captioned frames to pretrain on (held in memory: 27 KB each).")
 @click.option("--heldout", default=1_000, type=click.IntRange(min=2, max=MAX_PAIRS),
               help="Held-out captioned frames for the retrieval report.")
-@click.option("--epochs", default=8, type=click.IntRange(min=1, max=1000))
+@click.option("--epochs", default=8, type=EPOCHS)
 @click.option("--batch-size", default=128, type=click.IntRange(min=2, max=MAX_PAIRS))
-@click.option("--lr", default=1e-3, type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr", default=1e-3, type=LEARNING_RATE)
 @click.option("--json", "json_path", type=OutputPath(dir_okay=False), help="Also write the report (timings, losses, retrieval) here.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(out, seed, pairs, heldout, epochs, batch_size, lr, json_path, debug):

@@ -10,7 +10,7 @@ import click
 from ..errors import ExitCode
 from ..runtime.backends import BACKENDS
 from .errors import cli_errors, end_on_sigterm
-from .options import OutputPath, seconds_list
+from .options import BATCH, PROBABILITY, RETRIES, SECONDS, SECONDS_LIST, TOP_K, WORKERS, OutputPath
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,19 +24,19 @@ from .options import OutputPath, seconds_list
 @click.option("--mode", type=click.Choice(["video", "stream"]), default="video", show_default=True,
               help="video: F frames over each whole file, one result per file. "
                    "stream: sliding windows on a fixed time grid, one result per window plus a summary.")
-@click.option("--window", callback=seconds_list, metavar="SECONDS[,SECONDS...]",
+@click.option("--window", type=SECONDS_LIST, metavar="SECONDS[,SECONDS...]",
               help="Stream mode: window length in seconds (F grid frames), or several comma-separated (e.g. 8,32): one window "
                    "per length at each stride, on the grid of the shortest, each frame encoded once; records name their "
                    "\"scale\". Default: the model's.")
-@click.option("--stride", type=click.FloatRange(min=0, min_open=True), help="Stream mode: seconds between windows. Default: the model's.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="Labels reported per result (single-label models).")
-@click.option("--threshold", type=click.FloatRange(0, 1),
+@click.option("--stride", type=SECONDS, help="Stream mode: seconds between windows. Default: the model's.")
+@click.option("--top-k", type=TOP_K, default=5, show_default=True, help="Labels reported per result (single-label models).")
+@click.option("--threshold", type=PROBABILITY,
               help="Report only labels scoring at least this; multi-label models report every label over it (default 0.5).")
 @click.option("--output", "-o", type=OutputPath(), help="Write records here instead of stdout.")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]),
               help="Record format. Default: from --output's suffix, else jsonl.")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Video mode: videos per model call.")
-@click.option("--workers", type=click.IntRange(min=1),
+@click.option("--batch", type=BATCH, default=1, show_default=True, help="Video mode: videos per model call.")
+@click.option("--workers", type=WORKERS,
               help="Video mode: processes decoding the next videos while the model runs; 1 decodes in the main process. "
                    "Default: one per usable CPU core.")
 @click.option("--sampling", type=click.Choice(["keyframe", "exact"]),
@@ -48,9 +48,9 @@ from .options import OutputPath, seconds_list
                    "each grid time taking the nearest one, and every frame otherwise; all always decodes every frame.")
 @click.option("--plot", type=OutputPath(), help="Stream mode: save a PNG of label scores over time.")
 @click.option("--overlay", type=OutputPath(), help="Write a copy of the (single) input video with its labels drawn on it.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+@click.option("--timeout", type=SECONDS, default=10.0, show_default=True,
               help="Seconds any network open or read may wait before it fails (or reconnects).")
-@click.option("--reconnect-tries", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--reconnect-tries", type=RETRIES, default=5, show_default=True,
               help="Live streams: reconnects that bring no new frame, within 5 minutes, before giving up.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", is_flag=True, help="Decoding statistics on stderr, and tracebacks for errors.")

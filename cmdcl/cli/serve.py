@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import CmdclError, ExitCode, first_line
 from ..runtime.backends import BACKENDS
 from .errors import cli_errors
+from .options import BATCH, RETRIES, TOP_K, FiniteFloat
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,13 +30,13 @@ from .errors import cli_errors
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Triton's Prometheus metrics (/metrics) on this port [default: metrics off].")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics port binds to.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--max-batch", type=BATCH, default=8, show_default=True,
               help="Largest batch Triton's dynamic batcher forms across requests (clips for cmdcl/head, frames for frame_encoder).")
-@click.option("--queue-delay-us", type=click.IntRange(min=0), default=2000, show_default=True,
+@click.option("--queue-delay-us", type=click.IntRange(0, 60_000_000), default=2000, show_default=True,
               help="How long a request may wait for others to join its batch.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--top-k", type=TOP_K, default=5, show_default=True,
               help="Labels per clip in the cmdcl model's top_labels/top_scores outputs.")
-@click.option("--restart", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--restart", type=RETRIES, default=0, show_default=True,
               help="Start tritonserver again, up to this many times, when it stops on its own; then exit 1.")
 @click.option("--debug", is_flag=True, help="Tracebacks for errors (also in the errors sent to clients).")
 def main(engine, backend, device, host, http_port, no_http, grpc_port, metrics_port, metrics_host, max_batch, queue_delay_us, top_k,
@@ -146,9 +147,9 @@ def classify(videos, url, protocol, debug):
 @_url
 @_protocol
 @click.option("--clients", type=click.IntRange(1, 256), default=4, show_default=True, help="Concurrent clients.")
-@click.option("--seconds", type=click.FloatRange(0, 600, min_open=True), default=10.0, show_default=True,
+@click.option("--seconds", type=FiniteFloat(0, 600, min_open=True), default=10.0, show_default=True,
               help="Stop sending after this long.")
-@click.option("--max-requests", type=click.IntRange(min=1), default=2000, show_default=True, help="Stop after this many requests.")
+@click.option("--max-requests", type=click.IntRange(1, 1_000_000), default=2000, show_default=True, help="Stop after this many requests.")
 @click.option("--debug", is_flag=True, help="Tracebacks for errors.")
 def load_test_command(videos, engine, url, protocol, clients, seconds, max_requests, debug):
     """N concurrent clients for a bounded time against the server; prints p50/p99 latency,

@@ -7,18 +7,22 @@ from pathlib import Path
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
-from .options import OutputPath
+from .options import PROBABILITY, SEED, OutputPath
+
+# One video's frames are held in memory while it is written: up to 8.8 s at 60 frame/s of 512 px is 0.4 GB.
+MAX_SIZE, MAX_FPS = 512, 60
 
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", required=True, type=OutputPath(file_okay=False),
               help="Folder for the MP4s, manifest.csv, classes.txt, actions.txt and backgrounds.csv.")
-@click.option("--videos", default=140, type=click.IntRange(min=1), help="Number of videos (activities balanced).")
-@click.option("--seed", default=0, type=int)
+@click.option("--videos", default=140, type=click.IntRange(1, 99_999),  # named SPLIT_00000.mp4 on: five digits
+              help="Number of videos (activities balanced).")
+@click.option("--seed", default=0, type=SEED)
 @click.option("--split", default="train", type=click.Choice(["train", "test", "ood"]), help="ood: background independent of the activity.")
-@click.option("--size", default=96, type=click.IntRange(min=16), help="Frame size in pixels (even).")
-@click.option("--fps", default=10, type=click.IntRange(min=1))
-@click.option("--home-bias", default=0.8, type=click.FloatRange(0, 1), help="P(the activity's own background) in train/test.")
+@click.option("--size", default=96, type=click.IntRange(16, MAX_SIZE), help="Frame size in pixels (even).")
+@click.option("--fps", default=10, type=click.IntRange(1, MAX_FPS))
+@click.option("--home-bias", default=0.8, type=PROBABILITY, help="P(the activity's own background) in train/test.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(out, videos, seed, split, size, fps, home_bias, debug):
     """Generate long activities made of shared atomic actions, with a

@@ -8,7 +8,7 @@ import sys
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
-from .options import OutputPath
+from .options import BATCH, DEVICE, EPOCHS, FRAMES, IMAGE_SIZE, LEARNING_RATE, MAX_EPOCHS, SEED, FiniteFloat, OutputPath
 
 
 def _model_options(ctx, param, values) -> dict:
@@ -32,15 +32,15 @@ def _model_options(ctx, param, values) -> dict:
 @click.option("--data", required=True, help="Training data: a CSV manifest, or a Breakfast/COIN/Charades folder (train split).")
 @click.option("--out", required=True, type=OutputPath(dir_okay=False), help="Checkpoint to write (OUT.resume holds the resume state).")
 @click.option("--preset", "preset_name", default="tiny", type=click.Choice(["tiny", "base"]), help="Model size.")
-@click.option("--epochs", default=10, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Global batch (split across torchrun processes).")
-@click.option("--frames", type=click.IntRange(min=1), help="Frames per video F [default: the preset's].")
-@click.option("--image-size", type=click.IntRange(min=16), help="Frame size in pixels [default: the preset's / the CLIP weights'].")
-@click.option("--lr", default=5e-4, type=float, help="Peak learning rate (AdamW).")
-@click.option("--encoder-lr-scale", default=0.1, type=float, help="Video encoder learning rate = lr x this.")
-@click.option("--weight-decay", default=0.05, type=float)
-@click.option("--warmup-epochs", default=1.0, type=float, help="Linear warm-up before the cosine decay.")
-@click.option("--seed", default=0, type=int, help="Seeds everything: CPU runs are bitwise repeatable.")
+@click.option("--epochs", default=10, type=EPOCHS)
+@click.option("--batch-size", default=8, type=BATCH, help="Global batch (split across torchrun processes).")
+@click.option("--frames", type=FRAMES, help="Frames per video F [default: the preset's].")
+@click.option("--image-size", type=IMAGE_SIZE, help="Frame size in pixels [default: the preset's / the CLIP weights'].")
+@click.option("--lr", default=5e-4, type=LEARNING_RATE, help="Peak learning rate (AdamW).")
+@click.option("--encoder-lr-scale", default=0.1, type=FiniteFloat(0, 10), help="Video encoder learning rate = lr x this (0: frozen).")
+@click.option("--weight-decay", default=0.05, type=FiniteFloat(0, 1))
+@click.option("--warmup-epochs", default=1.0, type=FiniteFloat(0, MAX_EPOCHS), help="Linear warm-up before the cosine decay.")
+@click.option("--seed", default=0, type=SEED, help="Seeds everything: CPU runs are bitwise repeatable.")
 @click.option("--ablation", default="none", type=click.Choice(["none", "no-textual", "no-visual", "no-both"]),
               help="Switch off the textual and/or visual intervention.")
 @click.option("--model-option", "model_options", multiple=True, metavar="FIELD=VALUE", callback=_model_options,
@@ -54,12 +54,12 @@ def _model_options(ctx, param, values) -> dict:
               help="Class list, one name per line [default: classes.txt beside the manifest, else the labels found].")
 @click.option("--target", default="label", type=click.Choice(["label", "segments"]),
               help="'segments': multi-label atomic actions from the manifest's segments.")
-@click.option("--candidates", default=2, type=click.IntRange(min=0),
+@click.option("--candidates", default=2, type=click.IntRange(0, 64),
               help="Frames decoded once per segment; training picks one at random each epoch. "
                    "0: decode every epoch at random times (exact, slower).")
 @click.option("--cache-dir", type=OutputPath(file_okay=False), help="Cache decoded clips and VLM features here.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.resume if it exists (same options).")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--device", default="auto", type=DEVICE, help="auto, cpu, cuda or cuda:N.")
 @click.option("--val", "val_data", help="Manifest evaluated after training; its metrics go into the checkpoint.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(preset_name, val_data, debug, **options):

@@ -304,9 +304,13 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def pick_device(name: str) -> torch.device:
+    """`--device`: auto (cuda when PyTorch sees a GPU), cpu, cuda or cuda:N; ValueError for a GPU PyTorch does not see."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) on this machine")
+    return device
 
 
 def _distributed() -> tuple[int, int]:

@@ -90,8 +90,10 @@ def evaluate_stream(make_recognizer, dataset: VideoDataset, configs: list[Stream
     """The figures of the module docstring for every configuration.
 
     `make_recognizer(window, stride)` gives a Recognizer (window/stride None: the model's defaults, both None:
-    the one for video mode) whose records list every class ("top" of all classes, no threshold)."""
+    the one for video mode) whose records list every class ("top" of all classes, no threshold). Every
+    configuration's recognizer is made first, so that one the model cannot take fails before any video is decoded."""
     video_mode = make_recognizer(None, None)
+    recognizers = [make_recognizer(config.window, config.stride) for config in configs]
     classes = list(video_mode.info.classes)
     index = _check_dataset(dataset, classes, target)
     entries = {str(e.path): e for e in dataset.entries}
@@ -102,8 +104,7 @@ def evaluate_stream(make_recognizer, dataset: VideoDataset, configs: list[Stream
         else:
             videos[record["video"]] = _scores(record, index)
     runs = []
-    for config in configs:
-        recognizer = make_recognizer(config.window, config.stride)
+    for recognizer in recognizers:
         windows, summaries = {}, {}  # path -> [(start, end, scores)]; path -> summary scores
         for record in recognizer.stream_many(list(entries)):
             path = record["video"]
