@@ -168,3 +168,22 @@ def _mode(path: Path) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def write_json(path, value, indent: int | None = 2) -> None:
+    """`value` as strict JSON, atomically: a float that is NaN or infinite (a metric with nothing to measure, such as
+    mAP when no class has a positive target) is written as null, since JSON has no NaN; any other value a file
+    would have to spell NaN or Infinity is refused (ValueError)."""
+    import json
+    import math
+
+    def strict(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: strict(element) for key, element in item.items()}
+        return [strict(element) for element in item] if isinstance(item, (list, tuple)) else item
+
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(strict(value), f, indent=indent, allow_nan=False)
+        f.write("\n")

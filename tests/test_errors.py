@@ -37,6 +37,7 @@ OLD_BASES = {
     "cmdcl.serve.server.ServerDied": RuntimeError,
     "cmdcl.serve.triton_repo.TritonRepoError": ValueError,
     "cmdcl.train.loop.ResumeError": ValueError,
+    "cmdcl.train.loop.TrainingDiverged": Exception,  # new with it
 }
 
 

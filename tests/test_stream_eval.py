@@ -230,9 +230,9 @@ def test_segments_cli_matches_average_precision_over_the_recognizers_windows(syn
 
 
 def test_json_report_writes_a_metric_without_positives_as_null(tmp_path):
-    from cmdcl.cli.eval import _write_json
+    from cmdcl.output_files import write_json
 
     path = tmp_path / "r.json"
-    _write_json(path, {"mAP": float("nan"), "configs": [{"window_mAP": float("nan"), "windows": 3}], "top1": 0.5})
+    write_json(path, {"mAP": float("nan"), "configs": [{"window_mAP": float("nan"), "windows": 3}], "top1": 0.5})
     assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON")) == {
         "mAP": None, "configs": [{"window_mAP": None, "windows": 3}], "top1": 0.5}

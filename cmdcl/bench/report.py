@@ -3,12 +3,9 @@ the JSON file, the latency plot."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-
-from ..output_files import atomic_write
 
 FLOP_STAGES = {"frame_encoder": "frame_encoder", "head": "head", "intervention": "intervention_op", "clip": "clip"}  # stage: its floor
 
@@ -177,12 +174,6 @@ def markdown(report: dict) -> str:
         for c in report["comparisons"]:
             lines.append(f"| {c['comparison']} | {c.get('stage') or c.get('backend')} | {c['batch']} | {_ratio(c)} |")
     return "\n".join(lines) + "\n"
-
-
-def write_json(report: dict, path) -> Path:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    return Path(path)
 
 
 def plot_latency(report: dict, path) -> Path:

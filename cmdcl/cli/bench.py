@@ -79,7 +79,7 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     from ..artifacts import model_files
     from ..bench import report as output
     from ..bench.runner import Bench, BenchSettings
-    from ..output_files import atomic_write, check_outputs
+    from ..output_files import atomic_write, check_outputs, write_json
 
     if engines and frames:
         raise click.UsageError("--frames applies to the generated models; an --engine's frame count is fixed")
@@ -114,7 +114,7 @@ def main(engines, backends, preset, batches, frames, classes, iters, warmup, dev
     # e.g. a full disk: the report above is on stdout all the same
     with cli_errors("cmdcl-bench", debug, prefix="cannot write the results: "):
         if json_path:
-            output.write_json(report, json_path)
+            write_json(json_path, report)
             click.echo(f"wrote {json_path}", err=True)
         if plot:
             with atomic_write(plot) as tmp:

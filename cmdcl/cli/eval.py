@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from .errors import WITH_DATA_ERRORS, cli_errors
@@ -72,7 +70,7 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
     with cli_errors("cmdcl-eval", debug, expected=WITH_DATA_ERRORS):
         from cmdcl.artifacts import model_files
         from cmdcl.data.datasets import load_dataset
-        from cmdcl.output_files import check_outputs
+        from cmdcl.output_files import check_outputs, write_json
         from cmdcl.runtime.decode_pool import default_workers
         from cmdcl.train.loop import pick_device
 
@@ -115,7 +113,7 @@ def main(ckpt, mode, windows, strides, data, split, target, json_path, batch_siz
                                   workers=workers)
         report["checkpoint"], report["data"], report["sampling"] = str(ckpt), dataset.source, sampling
         if json_path:
-            _write_json(json_path, report)
+            write_json(json_path, report)  # a metric with nothing to measure: null
     _print_report(report, mode, len(dataset.entries))
 
 
@@ -151,22 +149,6 @@ def _print_report(report: dict, mode: str, videos: int) -> None:
             click.echo(format_diagnostics(report["interventions"]))
         if report["skipped"]:
             click.echo(f"warning: {len(report['skipped'])} of {videos} videos could not be read and are not in these metrics", err=True)
-
-
-def _write_json(path, report: dict) -> None:
-    """The report as strict JSON, atomically: a metric with nothing to measure (mAP when no class has a positive
-    target) is NaN in Python and null in the file, since JSON has no NaN."""
-    from cmdcl.output_files import atomic_write
-
-    def strict(value):
-        if isinstance(value, float) and value != value:
-            return None
-        if isinstance(value, dict):
-            return {key: strict(item) for key, item in value.items()}
-        return [strict(item) for item in value] if isinstance(value, (list, tuple)) else value
-
-    with atomic_write(path) as tmp, open(tmp, "w") as f:
-        json.dump(strict(report), f, indent=2, allow_nan=False)
 
 
 if __name__ == "__main__":

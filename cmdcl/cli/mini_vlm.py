@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from .errors import cli_errors
@@ -28,15 +26,14 @@ MAX_PAIRS = 200_000  # 96 x 96 RGB frames kept in memory: at most 5.5 GB of corp
 def main(out, seed, pairs, heldout, epochs, batch_size, lr, json_path, debug):
     """Render a captioned image corpus with cmdcl-synth's renderer, pretrain the tiny image tower against MiniLM
     caption embeddings with CLIP's loss, save it as CLIP weights, and report zero-shot retrieval on held-out frames."""
-    from cmdcl.output_files import atomic_write, check_outputs
+    from cmdcl.output_files import check_outputs, write_json
     from cmdcl.train.mini_vlm import ATTRIBUTES, run
 
     with cli_errors("cmdcl-mini-vlm", debug):
         check_outputs([("--out", out), ("--json", json_path)])
         report = run(out, seed, pairs, heldout, epochs, batch_size, lr, progress=True)
         if json_path:
-            with atomic_write(json_path) as tmp:
-                tmp.write_text(json.dumps(report, indent=2) + "\n")
+            write_json(json_path, report)
     r = report["heldout_retrieval"]
     click.echo(f"wrote {out} (pretraining {report['pretrain_seconds']:.0f} s, final loss {report['losses'][-1]:.3f})")
     click.echo(f"held-out retrieval, top-1 (chance): image->caption {r['image_to_caption_top1']:.3f} ({r['image_to_caption_chance']:.3f}), "

@@ -353,6 +353,22 @@ class ResumeError(CmdclError, ValueError):
     """A resume file that cannot continue this run; the message names it."""
 
 
+class TrainingDiverged(CmdclError):
+    """The loss or the weights went NaN or infinite (usually too high a learning rate)."""
+
+
+def check_finite(loss: float, model: torch.nn.Module, when: str, kept: str) -> None:
+    """TrainingDiverged unless `loss` and every floating-point tensor of `model`'s state are finite, so that a
+    model that diverged is never saved and no NaN reaches a report; `kept` says what the outputs hold instead."""
+    problem = None if math.isfinite(loss) else f"the loss is {loss}"
+    if problem is None:
+        name = next((name for name, value in model.state_dict().items()
+                     if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+        problem = name and f"weight {name} is not finite"
+    if problem:
+        raise TrainingDiverged(f"training diverged {when}: {problem} (try a lower --lr); {kept}")
+
+
 def _read_resume(path: Path, opts: TrainOptions) -> dict:
     """The resume state, loaded weights-only and memory-mapped (tensors are read only when loaded,
     after their shapes are checked), with its plain fields checked against this run's options."""
@@ -539,6 +555,9 @@ def train(opts: TrainOptions, command: str = "", progress: bool = True, stop_aft
 
             dist.all_reduce(totals)
         history.append({"epoch": epoch + 1, "loss": totals[0].item() / totals[2].item(), "accuracy": totals[1].item() / totals[2].item()})
+        # the same on every process (the loss is all-reduced, DDP keeps the weights equal): all of them stop
+        check_finite(history[-1]["loss"], model, f"in epoch {epoch + 1}",
+                     f"{out} and its .resume file keep the last epoch before it, if any")
         if main_process:
             extra = _extra(opts, command, method, history, dataset, sampling)
             save_checkpoint(model, out, extra)

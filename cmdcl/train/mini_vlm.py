@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..data.synth import ATOMIC_ACTIONS, BACKGROUNDS, render_action, render_background
 from ..model.clip import CLIP, minilm_embeddings
 from ..model.config import CLIP_MEAN, CLIP_STD, tiny_config
-from .loop import warmup_cosine
+from .loop import check_finite, warmup_cosine
 
 # Names of the renderer's colours (object palette, then backgrounds), in words a caption can use.
 OBJECT_COLOURS = {
@@ -138,6 +138,7 @@ def clip_loss(image_features, text_features, logit_scale, caption_ids) -> torch.
 def pretrain(clip: CLIP, corpus: Corpus, caption_embeddings: torch.Tensor, epochs: int, batch_size: int = 128,
              lr: float = 1e-3, seed: int = 0, progress: bool = False) -> list[float]:
     """Contrastive pretraining of clip's image tower and MiniLM projection; returns the mean loss of each epoch.
+    TrainingDiverged as soon as the loss or the weights are not finite.
 
     `caption_embeddings` [len(corpus.captions), 384]: the frozen MiniLM embeddings of the unique captions."""
     from tqdm import tqdm
@@ -150,7 +151,7 @@ def pretrain(clip: CLIP, corpus: Corpus, caption_embeddings: torch.Tensor, epoch
     generator = torch.Generator().manual_seed(seed)
     losses = []
     with tqdm(total=steps, desc="mini-VLM pretraining", disable=not progress, unit="step") as bar:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             total, order = 0.0, torch.randperm(len(frames), generator=generator)
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
@@ -163,6 +164,7 @@ def pretrain(clip: CLIP, corpus: Corpus, caption_embeddings: torch.Tensor, epoch
                 scheduler.step()
                 with torch.no_grad():
                     clip.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+                check_finite(loss.item(), clip, f"in epoch {epoch + 1}", "nothing written")
                 total += loss.item() * len(batch)
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
