@@ -166,12 +166,18 @@ class Backend:
         return self.infer("head", {"tokens": tokens})["logits"]
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Softmax over classes, or per-class sigmoid for multi-label models."""
+        """Softmax over classes, or per-class sigmoid for multi-label models. A row with a logit that is not finite (a
+        broken model: NaN, or an overflow to infinity) is NaN throughout, never a confident score (a sigmoid of +inf is
+        1.0): the runtime turns it into an error record (README "Runtime")."""
         logits = np.asarray(logits, dtype=np.float64)
+        broken = ~np.isfinite(logits).all(axis=-1, keepdims=True)
+        logits = np.where(broken, 0.0, logits)
         if self.info.multi_label:
-            return 1.0 / (1.0 + np.exp(-logits))
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
+            probabilities = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probabilities = e / e.sum(axis=-1, keepdims=True)
+        return np.where(broken, np.nan, probabilities)
 
 
 class TorchBackend(Backend):

@@ -147,8 +147,8 @@ class Recognizer:
         order = np.argsort(-probabilities, kind="stable")
         if not self.info.multi_label:
             order = order[: self.top_k]
-        if self.threshold is not None:
-            order = [i for i in order if probabilities[i] >= self.threshold]
+        if self.threshold is not None:  # a NaN score stays: the record becomes an error record (output.valid_record)
+            order = [i for i in order if not probabilities[i] < self.threshold]
         return [{"label": self.info.classes[i], "score": round(float(probabilities[i]), 6)} for i in order]
 
     # ---- video mode ----------------------------------------------------------------------
