@@ -158,36 +158,6 @@ class SlowEcho(EchoBackend):
         return super().encode_frames(frames)
 
 
-def paced_grid(count):
-    """A stand-in for iter_grid_frames: `count` grid frames delivered in real time (one per grid step), frame k at grey level k."""
-
-    def frames(source, rate, size, *args, **kwargs):
-        for k in range(count):
-            time.sleep(1 / rate)
-            yield k / rate, np.full((size, size, 3), k, np.uint8)
-
-    return frames
-
-
-def test_a_live_source_the_model_cannot_keep_up_with_drops_its_oldest_frames_and_counts_them(monkeypatch):
-    monkeypatch.setattr(recognizer_module, "iter_grid_frames", paced_grid(60))  # 20 grid frames per second for 3 s
-    backend = SlowEcho(0.25)  # about 8 frames per second
-    records = finishes_within(60, lambda: list(Recognizer(backend, window=0.2, stride=0.1).stream_many(["rtsp://127.0.0.1:9/cam"])))
-    windows, summary = records[:-1], records[-1]
-    assert summary["dropped"] == sum(w["dropped"] for w in windows) > 0 and summary["gaps"] == 0  # drops are not gaps
-    assert len(backend.encoded) + summary["dropped"] == 60  # every grid frame encoded or counted as dropped
-    assert backend.encoded == sorted(backend.encoded) and backend.encoded[-1] == 59  # in order, and the newest kept
-    assert all(w["latency_s"] >= 0 for w in windows)
-
-
-def test_a_files_reader_waits_for_the_model_and_drops_nothing(monkeypatch):
-    monkeypatch.setattr(recognizer_module, "iter_grid_frames", paced_grid(20))
-    backend = SlowEcho(0.25)
-    records = finishes_within(60, lambda: list(Recognizer(backend, window=0.2, stride=0.1).stream_many(["/videos/file.mp4"])))
-    assert records[-1]["dropped"] == 0 and backend.encoded == list(range(20))
-    assert all(w["dropped"] == 0 for w in records[:-1])
-
-
 @pytest.mark.parametrize("bursty", [False, True])
 def test_file_records_are_the_models_windows_over_the_grid(bursty, tmp_path, monkeypatch):
     """Several plain files read in parallel: each file's windows and scores are exactly
