@@ -4,11 +4,11 @@ Every test is bounded: runs that could hang go through `finishes_within` or a
 subprocess timeout, and slow decoding is simulated with a sleep, not real work."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +34,9 @@ def clips(tmp_path_factory):
     truncated = d / "truncated.mp4"
     truncated.write_bytes(good[0].read_bytes()[:3000])
     return {"good": good, "bad": [d / "missing.mp4", d / "not-a-video.mp4", truncated]}
+
+
+WAIT = 60  # seconds a staged read waits for the step before it (it never takes that long)
 
 
 def recognizer(workers, **kwargs):
@@ -110,45 +113,40 @@ def test_an_unexpected_error_in_a_worker_is_its_inputs_record_with_the_traceback
 
 
 def test_a_killed_worker_fails_its_file_and_the_run_goes_on(clips, monkeypatch, tmp_path):
-    """The worker reading `victim` is killed with SIGKILL mid-read (the read sleeps: a long decode);
-    that file gets an error record, a new worker takes over, and every other file is classified."""
+    """The worker reading `victim` (the 2nd file) dies by SIGKILL once the other worker is reading the 3rd file, so the
+    record of the file it died on must be told from the latest one handed out; that other worker then holds its file
+    until a new worker has started on the 4th. Each step waits for the one before (events shared with the forked
+    workers), not for time to pass: the victim's file gets the error record, a new worker takes over, and every other
+    file is classified."""
     good = clips["good"]
     victim = tmp_path / "victim.mp4"
     victim.write_bytes(good[0].read_bytes())
+    paths = [good[0], victim, *good[1:]]
     log = tmp_path / "reads.log"
+    events = multiprocessing.get_context("fork")
+    third_started, fourth_started = events.Event(), events.Event()
     real = recognizer_module.read_clip
 
-    def logged(path, *args, **kwargs):
+    def staged(path, *args, **kwargs):
         with open(log, "a") as f:
             f.write(f"{os.getpid()} {Path(path).name}\n")
-        if path == victim:
-            time.sleep(60)
-        time.sleep(0.3)  # a file takes a while, so the surviving worker cannot read every other file alone
+        position = paths.index(path)
+        if position == 1:
+            assert third_started.wait(WAIT), "the third file was never started"
+            os.kill(os.getpid(), signal.SIGKILL)
+        if position == 2:
+            third_started.set()
+            assert fourth_started.wait(WAIT), "no worker took over from the killed one"
+        if position == 3:
+            fourth_started.set()
         return real(path, *args, **kwargs)
 
-    def kill_the_victims_reader():
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            reads = log.read_text().split("\n") if log.exists() else []
-            pid = next((int(line.split()[0]) for line in reads if line.endswith(" victim.mp4")), None)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                return
-            time.sleep(0.02)
-
-    monkeypatch.setattr(recognizer_module, "read_clip", logged)
-    paths = [good[0], victim, *good[1:]]
-    killer = threading.Thread(target=kill_the_victims_reader)
-    killer.start()
-    started = time.time()
+    monkeypatch.setattr(recognizer_module, "read_clip", staged)  # forked workers inherit it
     records = summaries(recognizer(2), paths)
-    killer.join()
-    assert time.time() - started < 30  # not the 60 s the victim's read would take
     assert records[1] == {"video": str(victim), "summary": True, "error": "the decoding process died (killed by SIGKILL)"}
     assert all("error" not in r for i, r in enumerate(records) if i != 1)
     readers = {name: pid for pid, name in (line.split() for line in log.read_text().splitlines())}
-    first_two = {readers[good[0].name], readers["victim.mp4"]}  # each worker takes one of the first two files
-    assert set(readers.values()) - first_two, "no new worker took over"
+    assert readers[good[2].name] not in {readers[good[0].name], readers["victim.mp4"]}  # the new worker read the 4th file
 
 
 def test_evaluation_decodes_in_workers_and_names_a_killed_workers_video(clips, tmp_path, monkeypatch):
@@ -166,9 +164,13 @@ def test_evaluation_decodes_in_workers_and_names_a_killed_workers_video(clips, t
     assert skipped_two == {6: f"{manifest}:8: {clips['bad'][1]}: not a video (Invalid data found when processing input)"}
 
     real = loop.read_entry_clip
+    fourth_started = multiprocessing.get_context("fork").Event()
 
-    def dies_on_the_third(entry, *args, **kwargs):
+    def dies_on_the_third(entry, *args, **kwargs):  # once the 4th video is being read: the 3rd is not the latest handed out
+        if entry.path == good[3]:
+            fourth_started.set()
         if entry.path == good[2]:
+            assert fourth_started.wait(WAIT), "the fourth video was never started"
             os.kill(os.getpid(), signal.SIGKILL)
         return real(entry, *args, **kwargs)
 
