@@ -8,6 +8,7 @@ producer is provably waiting), the model is held until the source has been read 
 hand the recognizer frames with known drops."""
 
 import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -31,9 +32,9 @@ def numbered(count):
 
 
 class WatchedReader(StreamReader):
-    """A StreamReader that counts the frames it has tried to queue (`attempts`). The count goes up under the queue's
-    lock (a re-entrant one), which the put keeps until it has queued, dropped or started to wait: whoever sees
-    `attempts` reach n knows the n-th put has done its first look at the queue."""
+    """A StreamReader that counts the frames it has tried to queue (`attempts`) and says when its queue changes. The
+    count goes up under the queue's lock (a re-entrant one), which the put keeps until it has queued, dropped or started
+    to wait: whoever sees `attempts` reach n knows the n-th put has done its first look at the queue."""
 
     attempts = 0
 
@@ -41,11 +42,22 @@ class WatchedReader(StreamReader):
         with self.changed:
             self.attempts += 1
             self.changed.notify_all()
-            return super()._put(item)
+            queued = super()._put(item)
+            self.changed.notify_all()
+            return queued
 
     def wait_for_attempts(self, count):
         with self.changed:
             assert self.changed.wait_for(lambda: self.attempts >= count, WAIT), f"the reader never tried to queue frame {count}"
+
+    def wait_until_full_or_done(self):
+        """Until the queue holds `capacity` frames (a file's reader then waits) or the source has ended (which nobody
+        is told of: looked at every 10 ms)."""
+        deadline = time.monotonic() + WAIT
+        with self.changed:
+            while not (self.done or len(self.items) >= self.capacity):
+                assert time.monotonic() < deadline, "the reader neither filled its queue nor ended"
+                self.changed.wait(0.01)
 
 
 def levels(items):

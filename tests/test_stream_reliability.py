@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import tracemalloc
 
 import av
@@ -324,12 +323,11 @@ def test_frame_to_rgb_of_an_extreme_aspect_ratio_is_cheap():
     image[7999:8001] = 200  # the centre rows: what the crop keeps
     frame = av.VideoFrame.from_ndarray(image, format="rgb24")
     tracemalloc.start()
-    start = time.perf_counter()
     rgb = frame_to_rgb(frame, 32)
-    seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+    peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert rgb.shape == (32, 32, 3) and rgb.min() == 200  # the centre 2 x 2 square, scaled up
-    assert peak < 1_000_000 and seconds < 1.0  # resizing the whole frame took 25 MB (1.2 GB at 224 px)
+    assert rgb.shape == (32, 32, 3) and rgb.min() == 200  # the centre 2 x 2 square, scaled up (tests/test_frame_crop.py: more)
+    assert peak < 1_000_000  # resizing the whole frame took 25 MB (1.2 GB at 224 px)
 
 
 @pytest.mark.parametrize("window", [1e-9, float("nan"), float("inf")])
