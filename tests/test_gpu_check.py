@@ -56,6 +56,7 @@ RUN_WITHOUT_THEM = (
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # its subprocess may take 300 s
 def test_dry_run_writes_table_and_json(tmp_path):
     out = tmp_path / "check.json"
     wrapper = RUN_WITHOUT_THEM.format(blocked=NOT_ON_GPU_MACHINES, script=str(SCRIPT))
@@ -72,6 +73,7 @@ def test_dry_run_writes_table_and_json(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # its subprocess may take 600 s
 def test_full_check_on_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")

@@ -124,6 +124,7 @@ def results():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first one waits for the interpreter run (up to 600 s)
 @pytest.mark.parametrize("name", [*CASES, *EXTRA_CASES])
 def test_matches_reference(results, name):
     result = results[name]

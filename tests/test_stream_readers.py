@@ -231,6 +231,7 @@ def test_file_records_are_the_models_windows_over_the_grid(full_queues, tmp_path
         assert got[-1]["windows"] == len(expected) and got[-1]["dropped"] == 0 and "error" not in got[-1]
 
 
+@pytest.mark.timeout(600)  # its subprocess may take 300 s
 def test_memory_stays_bounded_with_many_inputs(tmp_path):
     """200 small files, 16 read at once (an open-files limit of 128): the RSS
     while reading 200 stays about that while reading 16 (readers bounded, nothing kept per input)."""

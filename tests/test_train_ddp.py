@@ -12,6 +12,7 @@ from cmdcl.model import load_checkpoint
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two training runs of up to 300 s each
 def test_torchrun_two_processes_match_one_process(tmp_path):
     manifest = generate(tmp_path / "train", 16, seed=0, split="train", cfg=SynthConfig(size=32))
     args = ["--data", str(manifest), "--epochs", "2", "--batch-size", "4", "--frames", "4", "--image-size", "32",
