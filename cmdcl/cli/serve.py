@@ -24,8 +24,7 @@ from .options import BATCH, RETRIES, TOP_K, FiniteFloat
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the HTTP and gRPC endpoints bind to. Anything but loopback exposes the model to the network.")
 @click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--no-http", is_flag=True, help="Serve gRPC only: one deeply nested JSON request crashes the bundled Triton's "
-              "HTTP endpoint (see --restart).")
+@click.option("--no-http", is_flag=True, help="Serve gRPC only.")
 @click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve Triton's Prometheus metrics (/metrics) on this port [default: metrics off].")
@@ -36,16 +35,17 @@ from .options import BATCH, RETRIES, TOP_K, FiniteFloat
               help="How long a request may wait for others to join its batch.")
 @click.option("--top-k", type=TOP_K, default=5, show_default=True,
               help="Labels per clip in the cmdcl model's top_labels/top_scores outputs.")
-@click.option("--restart", type=RETRIES, default=0, show_default=True,
-              help="Start tritonserver again, up to this many times, when it stops on its own; then exit 1.")
+@click.option("--restart", type=RETRIES, default=5, show_default=True,
+              help="When tritonserver stops on its own, start it again after 0.5 s, 1 s, 2 s ... (at most 8 s); "
+              "one stop more than this many within 60 s exits 1. 0: exit 1 at the first stop.")
 @click.option("--debug", is_flag=True, help="Tracebacks for errors (also in the errors sent to clients).")
 def main(engine, backend, device, host, http_port, no_http, grpc_port, metrics_port, metrics_host, max_batch, queue_delay_us, top_k,
          restart, debug):
     """Serve the runtime through PyTriton (the real Triton Inference Server; no GPU
     needed) with dynamic batching across requests. Models: `cmdcl` (uint8 clips
     [B, F, H, W, 3] -> logits, embedding, top_labels, top_scores), `frame_encoder`
-    and `head` (the streaming split). Stop with Ctrl-C or SIGTERM (exit 0); a server
-    that stops on its own exits 1 with one line (after --restart restarts).
+    and `head` (the streaming split). Stop with Ctrl-C or SIGTERM (exit 0); a tritonserver
+    that stops on its own is started again (--restart), each time with one line.
 
     Clients: `cmdcl-client classify VIDEO`, any tritonclient (HTTP or gRPC).
     """
@@ -68,8 +68,8 @@ def main(engine, backend, device, host, http_port, no_http, grpc_port, metrics_p
             click.echo(f"cmdcl-serve: warning: --metrics-host {metrics_host} is not a loopback address: anyone who can "
                        "reach it can read the metrics", err=True)
 
-    def restarting(reason, n):
-        click.echo(f"cmdcl-serve: warning: {reason}; restarting it ({n} of {restart})", err=True)
+    def restarting(reason, n, delay_s):
+        click.echo(f"cmdcl-serve: warning: {reason}; restart {n} in {delay_s:g} s", err=True)
 
     with cli_errors("cmdcl-serve", debug):
         try:

@@ -9,24 +9,29 @@ the inputs and outputs of the graphs they run (`cmdcl.artifacts.graph_io`):
     head           the head graph
 
 Triton checks dtypes and shapes against these configs and answers a bad request
-with an error. It reads the batch dimension as 32 bits, though, so a request with
-a batch of 2^32 reaches the model functions with the wrong rank: they check every
-request again, and refuse NaN/inf tokens (`RequestError`; `cmdcl-serve` sets
-`sys.tracebacklimit = 0`, so PyTriton's answer carries our message, not our frames
-and paths). Neither stops the server. The
+with an error; what Triton 2.51 mishandles (declared shapes it allocates, 32-bit
+batch dimensions, deeply nested JSON) the front refuses before Triton sees it
+(`front.py`: clients connect to it, tritonserver listens on internal loopback
+ports). The model functions check every request again, and refuse NaN/inf tokens
+(`RequestError`; `cmdcl-serve` sets `sys.tracebacklimit = 0`, so PyTriton's answer
+carries our message, not our frames and paths). Neither stops the server. The
 inference itself is the runtime's `Backend.infer` (ONNX Runtime, TensorRT or
 PyTorch), so served answers are the offline runtime's.
 
 The models are in Triton's repository when tritonserver starts, so it opens its
-ports (and `/v2/health/ready` answers) only once they are loaded. tritonserver
-dying on its own (Triton 2.51's JSON parser recurses without a bound, so a request
-nested deeply enough crashes it) is `ServerDied`, after `restarts` restarts.
+ports (and `/v2/health/ready` answers 200) only once they are loaded. tritonserver
+stopping on its own is supervised: started again after a back-off (0.5 s, doubling
+up to 8 s), and `ServerDied` when it stopped more than `restarts` times within
+RESTART_WINDOW_S.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import errno
+import math
 import os
 import signal
 import socket
@@ -44,13 +49,16 @@ from ..errors import CmdclError
 from ..runtime.backends import Backend
 
 DEFAULT_TOP_K = 5
+DEFAULT_RESTARTS = 5  # within RESTART_WINDOW_S; one more stop ends cmdcl-serve
+RESTART_WINDOW_S = 60.0
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 8.0
 SERVED_GRAPHS: dict[str, GraphRole] = {"cmdcl": "full", "frame_encoder": "frame_encoder", "head": "head"}  # model -> graph
 
 
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
-    http_port: int | None = 8000  # None: gRPC only (Triton 2.51's JSON parser is the one a request can crash)
+    http_port: int | None = 8000  # None: gRPC only
     grpc_port: int = 8001
     metrics_port: int | None = None  # Prometheus metrics off unless a port is given
     metrics_host: str = "127.0.0.1"
@@ -190,34 +198,93 @@ def triton_config(config: ServeConfig):
                         exit_timeout_secs=5)
 
 
-def serve(backend: Backend, config: ServeConfig, on_ready=None, restarts: int = 0, on_restart=None) -> None:
+def serve(backend: Backend, config: ServeConfig, on_ready=None, restarts: int = DEFAULT_RESTARTS,
+          on_restart=None) -> None:
     """Serve until SIGINT or SIGTERM (in the main thread). `on_ready(model names)` runs each
-    time the models are loaded. When tritonserver stops on its own, it is started again up
-    to `restarts` times (`on_restart(reason, n)` runs before each), then ServerDied is raised."""
+    time the models are loaded. When tritonserver stops on its own, `on_restart(reason, n,
+    delay_s)` runs and it is started again after the delay; meanwhile the front refuses
+    requests (503, UNAVAILABLE). ServerDied when it stops more than `restarts` times within
+    RESTART_WINDOW_S, or before it was ever ready."""
+    from .front import Front
+
     python_library_env()
     stopping = threading.Event()
 
     def stop(signum, frame):
         stopping.set()
-        raise KeyboardInterrupt  # leaves the wait; the with-block around it stops tritonserver and the workers
+        raise KeyboardInterrupt  # leaves the wait; the with-blocks around it stop tritonserver, the workers, the front
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
-    for attempt in range(restarts + 1):
-        try:
-            reason = _serve_once(backend, config, on_ready)
-        except ServerDied as exc:
-            reason = str(exc)
-        except KeyboardInterrupt:
-            if stopping.is_set():
-                return
-            raise
+    input_limit, body_limit = request_limits(backend, config)
+    stops = collections.deque()  # when tritonserver stopped, within the window
+    try:
+        with Front(config, input_limit, body_limit) as front:
+            while True:
+                internal = internal_config(config)
+                started = []
+
+                def ready(names):
+                    started.append(names)
+                    front.connect(internal)
+                    if on_ready:
+                        on_ready(names)
+
+                try:
+                    reason = _serve_once(backend, internal, ready)
+                except ServerDied as exc:
+                    reason = str(exc)
+                finally:
+                    front.disconnect()
+                now = time.monotonic()
+                while stops and now - stops[0] > RESTART_WINDOW_S:
+                    stops.popleft()
+                if stopping.is_set():
+                    return
+                if not (started or front.restarts):  # never ready: starting again would fail the same way
+                    raise ServerDied(reason)
+                if len(stops) >= restarts:
+                    raise ServerDied(reason + (f", after {len(stops)} restart(s) within {RESTART_WINDOW_S:.0f} s"
+                                               if restarts else ""))
+                stops.append(now)
+                delay = min(FIRST_BACKOFF_S * 2 ** (len(stops) - 1), MAX_BACKOFF_S)
+                front.restarts += 1
+                if on_restart:
+                    on_restart(reason, front.restarts, delay)
+                time.sleep(delay)
+    except KeyboardInterrupt:
         if stopping.is_set():
             return
-        if attempt == restarts:
-            raise ServerDied(reason + (f", after {restarts} restart(s)" if restarts else ""))
-        if on_restart:
-            on_restart(reason, attempt + 1)
+        raise
+
+
+def internal_config(config: ServeConfig) -> ServeConfig:
+    """`config` with tritonserver's ports: free loopback ports that only the front uses
+    (Triton's gRPC port always: the front forwards gRPC there)."""
+    ports = iter(_free_loopback_ports(3))
+    return dataclasses.replace(config, host="127.0.0.1", metrics_host="127.0.0.1", grpc_port=next(ports),
+                               http_port=next(ports) if config.http_port is not None else None,
+                               metrics_port=next(ports) if config.metrics_port is not None else None)
+
+
+def _free_loopback_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    with contextlib.ExitStack() as stack:
+        for probe in sockets:
+            stack.enter_context(probe)
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+
+
+def request_limits(backend: Backend, config: ServeConfig) -> tuple[int, int]:
+    """(bytes an input may declare, bytes an HTTP body or gRPC message may have): the front's
+    limits, with room for the largest valid request (JSON text takes up to ~7 characters
+    per byte of float32 data)."""
+    from .front import INPUT_LIMIT
+
+    largest = max(config.max_batch * math.prod(shape) * np.dtype(dtype).itemsize
+                  for _, dtype, shape in inputs(backend.info).values())
+    return max(INPUT_LIMIT, largest), 8 * largest + 2**20
 
 
 def _serve_once(backend: Backend, config: ServeConfig, on_ready) -> str:
