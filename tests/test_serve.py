@@ -103,8 +103,8 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, offl
         assert status == 400 and message in answer["error"], (kwargs["array"].shape, answer)
     status, answer = infer_json(base, "cmdcl", "frames", good, shape=[1, 4, 32, 32, 4])  # shape and data disagree
     assert status == 500 and "does not match true shape of 'data'" in answer["error"]  # Triton's JSON parser says 500
-    status, answer = request(f"{base}/v2/models/cmdcl/infer", b"{not json")
-    assert status == 500 and "JSON" in answer["error"]
+    status, answer = request(f"{base}/v2/models/cmdcl/infer", b"{not json")  # refused by the front
+    assert status == 400 and answer["error"].startswith("the request is not valid JSON")
     status, answer = infer_json(base, "cmdcl", "images", good)  # an input the model does not have
     assert status == 400 and "images" in answer["error"]
     assert server["process"].poll() is None
@@ -158,11 +158,11 @@ def test_serves_on_loopback_only(server):
 
 
 def test_model_functions_check_every_request_and_split_the_batch(offline):
-    """Triton's own checks miss a batch dimension >= 2^32 (read as 32 bits): the model
-    functions check each request again, before the batch is formed."""
+    """Behind Triton's checks (and the front's), the model functions check each request
+    again, before the batch is formed."""
     functions = model_functions(offline, top_k=2, max_batch=MAX_BATCH)
     good = SimpleNamespace(data={"frames": np.random.default_rng(2).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)})
-    for frames in (np.zeros((4, 32, 32, 3), np.uint8),  # [2^32, F, H, W, 3] arrives as one clip without its batch axis
+    for frames in (np.zeros((4, 32, 32, 3), np.uint8),  # Triton passes a batch dimension of 0 (or 2^32) without the axis
                    np.zeros((0, 4, 32, 32, 3), np.uint8), np.zeros((MAX_BATCH + 1, 4, 32, 32, 3), np.uint8),
                    np.zeros((1, 4, 32, 32, 3), np.float32)):
         bad = SimpleNamespace(data={"frames": frames})

@@ -1,13 +1,17 @@
-"""cmdcl-serve against a hostile client: it says when it is ready and when it is down,
-keeps its own paths out of answers, and refuses a busy port at once.
+"""cmdcl-serve against a hostile client: requests that crash or fool the bundled
+Triton 2.51 are refused before it sees them, it says when it is ready and when it is
+down (restarting), keeps its own paths out of answers, and refuses a busy port at once.
 
 One server per module (metrics on, `--restart 1`), started from the serving venv on
-free loopback ports. The last test crashes it on purpose (Triton 2.51's JSON parser
-recurses without a bound) and checks the restart, then the one-line exit.
+free loopback ports. The last tests crash tritonserver on purpose (SIGSEGV, as a
+crash looks) and check the one supervised restart, then the one-line exit of a crash loop.
 """
 
+import gzip
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -28,7 +32,8 @@ from serve_helpers import (
 )
 
 MODELS = ("cmdcl", "frame_encoder", "head")
-NESTED = 200_000  # overflows tritonserver's stack (about 400 KB of JSON; 40,000 deep already does)
+NESTED = 200_000  # overflowed tritonserver's stack (about 400 KB of JSON; 40,000 deep already did)
+CLIP = bytes(4 * 32 * 32 * 3)  # one clip of the test model
 
 
 def post_binary(base, model, name, shape, data: bytes):
@@ -43,20 +48,42 @@ def post_binary(base, model, name, shape, data: bytes):
         return error.code, json.loads(error.read() or b"null")
 
 
-def nested_request(base):
-    """A request whose data is JSON arrays nested NESTED deep; the connection dies with tritonserver."""
-    body = b'{"inputs":[{"name":"frames","shape":[1],"datatype":"UINT8","data":' + b"[" * NESTED + b"]" * NESTED + b"}]}"
+def post_raw(base, body: bytes, headers=()):
+    """(status, parsed answer) of a POST written by hand (with a Content-Length unless
+    `headers` say chunked); the connection's error name when it dies."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = list(headers)
+    if "Transfer-Encoding" not in dict(headers):
+        headers.append(("Content-Length", str(len(body))))
     try:
-        return request(f"{base}/v2/models/cmdcl/infer", body, timeout=30)
-    except OSError as error:  # RemoteDisconnected, ConnectionReset
-        return type(error).__name__
+        connection.putrequest("POST", "/v2/models/cmdcl/infer")
+        for key, value in headers:
+            connection.putheader(key, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    except OSError as error:  # RemoteDisconnected, ConnectionReset: tritonserver died
+        return type(error).__name__, None
+    finally:
+        connection.close()
 
 
-def answers(url) -> bool:
+def json_infer(shape, data=(0,), **fields) -> bytes:
+    return json.dumps({"inputs": [{"name": "frames", "shape": shape, "datatype": "UINT8", "data": list(data), **fields}]}).encode()
+
+
+def served(base) -> bool:
+    status, answer = post_binary(base, "cmdcl", "frames", [1, 4, 32, 32, 3], CLIP)
+    return status == 200 and answer["outputs"][0]["shape"] == [1, 3]
+
+
+def answers(url) -> int | None:
+    """The HTTP status of a GET, None when the connection fails."""
     try:
-        return request(url, timeout=2)[0] == 200
-    except OSError:  # refused while tritonserver restarts
-        return False
+        return request(url, timeout=5)[0]
+    except OSError:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +111,104 @@ def test_readiness_waits_for_the_models(server):
     assert server["models_at_ready"] == {m: 200 for m in MODELS}
 
 
-def test_batch_of_2_32_gets_a_one_line_error_without_our_paths(server):
-    """Triton reads the batch dimension as 32 bits: [2^32, F, H, W, 3] with one clip of data
-    reaches the model function as a rank-4 array. It is refused with our message, and the
-    answer carries no path of this package or its venv (PyTriton's traceback is cut)."""
-    clip = bytes(4 * 32 * 32 * 3)
-    status, answer = post_binary(server["base"], "cmdcl", "frames", [2**32, 4, 32, 32, 3], clip)
-    assert status >= 400
-    error = answer["error"]
-    assert "input 'frames' must be uint8 [B, 4, 32, 32, 3] with 1 <= B <= 4, got uint8 [4, 32, 32, 3]" in error, error
-    assert str(ROOT) not in error and "site-packages" not in error and "cmdcl/serve" not in error, error
-    status, answer = post_binary(server["base"], "cmdcl", "frames", [1, 4, 32, 32, 3], clip)  # still serving
-    assert status == 200 and answer["outputs"][0]["shape"] == [1, 3]
+HOSTILE_HTTP = [  # (what, body, headers, status, in the error): Triton 2.51 crashed, was fooled or took them in
+    ("JSON batch of 2^32 (103 bytes: std::bad_alloc, SIGABRT)", json_infer([2**32, 4, 32, 32, 3]), [], 400,
+     "shape [4294967296, 4, 32, 32, 3] must be a list of integers from 0 to 2147483647"),
+    ("JSON shape Triton would allocate (1.2 TB)", json_infer([1, 4, 32, 32, 10**8]), [], 400, "over the limit of"),
+    ("JSON nested 200,000 deep (stack overflow, SIGSEGV)",
+     b'{"inputs":[{"name":"frames","shape":[1],"datatype":"UINT8","data":' + b"[" * NESTED + b"]" * NESTED + b"}]}", [], 400,
+     "nested too deeply"),
+    ("duplicate keys (RapidJSON reads the first)",
+     json_infer([1, 4, 32, 32, 3]).replace(b'"shape"', b'"shape":[4294967297],"shape"'), [], 400, "duplicate key"),
+    ("chunked body (the front could not bound and check it)", b"5\r\nhello\r\n0\r\n\r\n",
+     [("Transfer-Encoding", "chunked")], 411, "Content-Length"),
+    ("gzip body (expanded in full by Triton)", gzip.compress(json_infer([1, 4, 32, 32, 3], bytes(12288))),
+     [("Content-Encoding", "gzip")], 415, "compressed"),
+]
+
+
+@pytest.mark.parametrize("what, body, headers, status, error", HOSTILE_HTTP, ids=[case[0] for case in HOSTILE_HTTP])
+def test_hostile_http_requests_are_refused_and_the_server_keeps_serving(server, what, body, headers, status, error):
+    answer = post_raw(server["base"], body, headers)
+    assert answer[0] == status and error in answer[1]["error"], (what, answer)
+    assert served(server["base"]) and restarts(server) == 0, server["log"].read_text()[-3000:]
+
+
+def test_front_checks_shapes_and_json_as_triton_reads_them():
+    """What the front refuses, without a server: dims Triton would truncate or that are not
+    JSON integers (True is 1 to Python, not to RapidJSON), declared bytes over the limit,
+    header lengths that do not fit the body. Valid requests and Triton's own cases pass."""
+    from cmdcl.serve.front import body_refusal, shape_refusal
+
+    limit = 4 * 12288
+    for shape in ([1, 4, 32, 32, 3], [0, 4, 32, 32, 3], [5, 4, 32, 32, 3], [1, 4, 32, 32, 4]):  # Triton's to refuse or not
+        assert shape_refusal([("frames", "UINT8", shape)], 10 * limit) is None, shape
+    for shape in ([True, 4, 32, 32, 3], [1.0, 4, 32, 32, 3], [2**31, 1], [-1, 4], "[1]", None):
+        assert "must be a list of integers from 0 to 2147483647" in shape_refusal([("frames", "UINT8", shape)], limit)
+    assert "declares 49156 bytes, over the limit of 49152" in shape_refusal([("tokens", "FP32", [1, 12289])], limit)
+    body = json_infer([1, 4, 32, 32, 3])
+    assert body_refusal(body, None, limit) is None and body_refusal(body, str(len(body)), limit) is None
+    for length in ("-1", "1e3", str(len(body) + 1), "99999999999999999999"):
+        assert "is not a length within the body" in body_refusal(body, length, limit)
+    assert "nested too deeply" in body_refusal(b"[" * 5000 + b"]" * 5000, None, limit)
+
+
+def test_batch_of_2_32_and_more_gets_a_one_line_error_without_our_paths(server):
+    """Triton 2.51 reads the batch dimension as 32 bits: [2^32 + 1, F, H, W, 3] with one clip of
+    data was answered as a batch of 1, over HTTP and gRPC alike. Refused, without a path of this
+    package or its venv in the answer."""
+    for batch in (2**32 + 1, 2**33 + 1, -(2**32) + 1, 2**32):
+        status, answer = post_binary(server["base"], "cmdcl", "frames", [batch, 4, 32, 32, 3], CLIP)
+        assert status == 400, (batch, answer)
+        error = answer["error"]
+        assert f"shape [{batch}, 4, 32, 32, 3] must be a list of integers" in error, error
+        assert str(ROOT) not in error and "site-packages" not in error and "cmdcl/serve" not in error, error
+    result = run_serve_python("-c", GRPC_BATCHES, f"127.0.0.1:{server['grpc']}", 1, 2**32, 2**32 + 1, 2**33 + 1, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert answers.pop("1") == "logits [1, 3]", answers
+    assert all(a.startswith("INVALID_ARGUMENT input 'frames': shape [") for a in answers.values()), answers
+    result = run_serve_python("-c", GRPC_STREAM, f"127.0.0.1:{server['grpc']}", 1, 2**32 + 1, timeout=60)
+    assert result.stdout.splitlines() == ["logits [1, 3]", "INVALID_ARGUMENT input 'frames': shape [4294967297, 4, 32, 32, 3] "
+                                          "must be a list of integers from 0 to 2147483647"], result.stdout + result.stderr[-2000:]
+    assert served(server["base"]) and restarts(server) == 0
+
+
+GRPC_BATCHES = """
+import sys, tritonclient.grpc as grpc
+from tritonclient.utils import InferenceServerException
+client = grpc.InferenceServerClient(sys.argv[1])
+for batch in sys.argv[2:]:
+    frames = grpc.InferInput("frames", [int(batch), 4, 32, 32, 3], "UINT8")
+    frames._raw_content = bytes(4 * 32 * 32 * 3)  # one clip
+    try:
+        print(batch, "logits", list(client.infer("cmdcl", [frames], client_timeout=60).as_numpy("logits").shape))
+    except InferenceServerException as error:
+        print(batch, error.status().removeprefix("StatusCode."), error.message())
+"""
+
+
+GRPC_STREAM = """
+import sys, queue, tritonclient.grpc as grpc
+client, results = grpc.InferenceServerClient(sys.argv[1]), queue.Queue()
+client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=60)
+for batch in sys.argv[2:]:
+    frames = grpc.InferInput("frames", [int(batch), 4, 32, 32, 3], "UINT8")
+    frames._raw_content = bytes(4 * 32 * 32 * 3)
+    client.async_stream_infer("cmdcl", [frames])
+client.stop_stream()
+while not results.empty():
+    result, error = results.get()
+    print(f"logits {list(result.as_numpy('logits').shape)}" if error is None else
+          f"{error.status().removeprefix('StatusCode.')} {error.message()}")
+"""
+
+
+def restarts(server) -> int:
+    """cmdcl_serve_restarts_total on the metrics port."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return int(next(line.split()[1] for line in lines if line.startswith("cmdcl_serve_restarts_total ")))
 
 
 def test_metrics_are_served_on_loopback(server):
@@ -130,19 +243,21 @@ for _ in range(int(sys.argv[3])):
     try:
         client.infer("cmdcl", [frames])
         sys.exit("accepted")
-    except InferenceServerException as error:
-        assert "byte size mismatch" in str(error), error
+    except InferenceServerException as error:  # the front's message limit, or Triton's size check
+        assert "byte size mismatch" in str(error) or "RESOURCE_EXHAUSTED" in str(error.status()), error
 """
 
 
 def test_rejected_grpc_requests_do_not_stay_in_memory(server):
     """With Triton's default allocation pool, each rejected 40 MB request stayed allocated
-    (8 of them: about +300 MB); without the pool, memory is reused (measured: under +100 MB)."""
-    triton_pid = int(next(p for p in _group_commands(server["process"].pid) if p[1][0].endswith(b"/tritonserver"))[0])
-    before = _rss_mb(triton_pid)
+    (8 of them: about +300 MB); without the pool, memory is reused (measured: under +100 MB).
+    The front refuses such messages now; neither it nor tritonserver may keep them."""
+    pids = [int(pid) for pid, argv in _group_commands(server["process"].pid)
+            if argv[0].endswith(b"/tritonserver") or int(pid) == server["process"].pid]
+    before = sum(map(_rss_mb, pids))
     result = run_serve_python("-c", GRPC_FLOOD, f"127.0.0.1:{server['grpc']}", 40, 8, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    after = _rss_mb(triton_pid)
+    after = sum(map(_rss_mb, pids))
     assert after - before < 150, (before, after)
 
 
@@ -175,18 +290,56 @@ def test_busy_port_is_one_line_at_once(model_dir):
         f"cmdcl-serve: error: 127.0.0.1:{grpc} (--grpc-port) is in use by another process", result.stderr
 
 
-def test_a_crashed_server_restarts_then_exits_1_with_one_line(server):
-    """Runs last: it ends the module's server."""
-    base, process, log = server["base"], server["process"], server["log"]
-    assert nested_request(base) != 200
+def test_a_crash_costs_one_supervised_restart_and_readiness_says_so(server):
+    """tritonserver dying (as a request that crashes it would make it) is one stderr line, one
+    count on the metrics port, 503 from /v2/health/ready (and UNAVAILABLE over gRPC) until the
+    models are loaded again, then answers again. Runs after the refusals: it restarts the server."""
+    base, log = server["base"], server["log"]
+    crash_tritonserver(server)
+    assert request(f"{base}/v2/health/ready", timeout=10)[0] == 503  # down: a refusal at once, not a hang
+    result = run_serve_python("-c", GRPC_READY, f"127.0.0.1:{server['grpc']}", timeout=60)
+    assert result.stdout.strip() == "UNAVAILABLE", result.stdout + result.stderr[-2000:]
     deadline = time.monotonic() + 120
-    while "restarting it (1 of 1)" not in log.read_text() or not answers(f"{base}/v2/models/cmdcl/ready"):
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
-    status, answer = post_binary(base, "cmdcl", "frames", [1, 4, 32, 32, 3], bytes(4 * 32 * 32 * 3))
-    assert status == 200, answer
-    nested_request(base)
-    assert process.wait(timeout=60) == 1
-    text = log.read_text()
+    while (status := answers(f"{base}/v2/health/ready")) != 200:
+        assert status in (503, None) and time.monotonic() < deadline, (status, log.read_text()[-3000:])
+        time.sleep(0.2)
+    assert served(base) and restarts(server) == 1
+    lines = [line for line in log.read_text().splitlines() if line.startswith("cmdcl-serve: warning:")]
+    assert lines == ["cmdcl-serve: warning: the server stopped on its own (tritonserver killed by SIGSEGV); restart 1 in 0.5 s"]
+
+
+def test_a_crash_loop_ends_with_one_line(server):
+    """Runs last: with --restart 1, a second stop within 60 s ends cmdcl-serve (exit 1)."""
+    crash_tritonserver(server)
+    assert server["process"].wait(timeout=90) == 1
+    text = server["log"].read_text()
     errors = [line for line in text.splitlines() if line.startswith("cmdcl-serve: error:")]
-    assert len(errors) == 1 and "SIGSEGV" in errors[0] and "after 1 restart(s)" in errors[0], text[-3000:]
+    assert errors == ["cmdcl-serve: error: the server stopped on its own (tritonserver killed by SIGSEGV), "
+                      "after 1 restart(s) within 60 s"], text[-3000:]
+
+
+GRPC_READY = """
+import sys, tritonclient.grpc as grpc
+from tritonclient.utils import InferenceServerException
+try:
+    print(grpc.InferenceServerClient(sys.argv[1]).is_server_ready(client_timeout=30))
+except InferenceServerException as error:
+    print(error.status().removeprefix("StatusCode."))
+"""
+
+
+def crash_tritonserver(server):
+    """SIGSEGV to the module's tritonserver; returns once it is dead (its ports closed)."""
+    pid = next(int(pid) for pid, argv in _group_commands(server["process"].pid) if argv[0].endswith(b"/tritonserver"))
+    os.kill(pid, signal.SIGSEGV)
+    deadline = time.monotonic() + 30
+    while _alive(pid):
+        assert time.monotonic() < deadline, "tritonserver outlived SIGSEGV by 30 s"
+        time.sleep(0.05)
+
+
+def _alive(pid) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
