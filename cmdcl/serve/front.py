@@ -30,6 +30,7 @@ import http.client
 import json
 import math
 import socket
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -197,6 +198,12 @@ class _HttpServer(ThreadingHTTPServer):
         finally:
             self.slots.release()
 
+    def handle_error(self, request, client_address):
+        """A client that went away is no error; anything else is one line (socketserver would print a traceback)."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            sys.stderr.write(f"cmdcl-serve: warning: request from {client_address[0]} failed: {type(error).__name__}: {error}\n")
+
     def stop(self):
         self.shutdown()
         self.server_close()
@@ -205,6 +212,10 @@ class _HttpServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_S
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers, then body: no Nagle wait
 
     def log_message(self, format, *args):  # Triton logs the requests that reach it
         pass
@@ -226,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
         local = self.server.connections
         connection = getattr(local, "connection", None)
         if connection is None or connection.port != port:
-            connection = local.connection = http.client.HTTPConnection("127.0.0.1", port)
+            connection = local.connection = _TritonConnection("127.0.0.1", port)
         headers = {key: value for key, value in self.headers.items() if key.lower() not in HOP_BY_HOP}
         try:
             connection.request(self.command, self.path, body, headers)
@@ -236,6 +247,12 @@ class _Handler(BaseHTTPRequestHandler):
             connection.close()
             raise OSError(str(exc)) from exc
         return response.status, answer, [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
+
+
+class _TritonConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a large body goes after its headers
 
 
 class _ApiHandler(_Handler):
