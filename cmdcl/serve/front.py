@@ -37,12 +37,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DIM_LIMIT = 2**31  # Triton 2.51 casts the batch dimension to 32 bits (and compares it as a signed int)
 INPUT_LIMIT = 64 * 2**20  # bytes an input may declare, unless a valid input is larger (newer Triton's default)
-CONNECTIONS = 256  # HTTP connections at once (a thread each); more are closed at once
-IDLE_S = 60  # an HTTP connection silent this long is closed
+CONNECTIONS = 512  # HTTP connections at once (a thread each, and one to tritonserver); more are closed at once
+IDLE_S = 30  # an HTTP connection silent this long is closed
+GRPC_CALLS = 64  # gRPC calls at once (a thread each: a stream holds its thread); more get RESOURCE_EXHAUSTED
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
                "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade",
-              "proxy-connection"}
+              "proxy-connection", "expect"}  # the front answered Expect: 100-continue itself
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 UNAVAILABLE = "the server is not available (tritonserver is restarting)"
 
@@ -149,8 +150,8 @@ class Front:
     def _serve_grpc(self):
         import grpc
 
-        server = grpc.server(ThreadPoolExecutor(max_workers=16, thread_name_prefix="cmdcl-serve-front-grpc"),
-                             handlers=[_GrpcForwarder(self)], maximum_concurrent_rpcs=64,
+        server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_CALLS, thread_name_prefix="cmdcl-serve-front-grpc"),
+                             handlers=[_GrpcForwarder(self)], maximum_concurrent_rpcs=GRPC_CALLS,
                              options=[("grpc.max_receive_message_length", self.body_limit),
                                       ("grpc.max_send_message_length", -1)])
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
@@ -174,6 +175,7 @@ class _GrpcServer:
 
 class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 makes bursts retry after 1 s)
 
     def __init__(self, address, handler, front):
         self.front = front
