@@ -295,10 +295,16 @@ def test_a_crash_costs_one_supervised_restart_and_readiness_says_so(server):
     count on the metrics port, 503 from /v2/health/ready (and UNAVAILABLE over gRPC) until the
     models are loaded again, then answers again. Runs after the refusals: it restarts the server."""
     base, log = server["base"], server["log"]
-    crash_tritonserver(server)
-    assert request(f"{base}/v2/health/ready", timeout=10)[0] == 503  # down: a refusal at once, not a hang
-    result = run_serve_python("-c", GRPC_READY, f"127.0.0.1:{server['grpc']}", timeout=60)
-    assert result.stdout.strip() == "UNAVAILABLE", result.stdout + result.stderr[-2000:]
+    grpc_client = subprocess.Popen([str(SERVE_BIN / "python"), "-c", GRPC_READY, f"127.0.0.1:{server['grpc']}"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # started before the crash
+    try:
+        crash_tritonserver(server)  # the restart starts 0.5 s after the supervisor sees it, and takes seconds
+        assert request(f"{base}/v2/health/ready", timeout=10)[0] == 503  # down: a refusal at once, not a hang
+        grpc_client.stdin.close()  # its cue to ask
+        assert grpc_client.stdout.read().strip() == "UNAVAILABLE"
+    finally:
+        grpc_client.kill()
+        grpc_client.wait(timeout=30)
     deadline = time.monotonic() + 120
     while (status := answers(f"{base}/v2/health/ready")) != 200:
         assert status in (503, None) and time.monotonic() < deadline, (status, log.read_text()[-3000:])
@@ -321,6 +327,7 @@ def test_a_crash_loop_ends_with_one_line(server):
 GRPC_READY = """
 import sys, tritonclient.grpc as grpc
 from tritonclient.utils import InferenceServerException
+sys.stdin.read()  # until the test says
 try:
     print(grpc.InferenceServerClient(sys.argv[1]).is_server_ready(client_timeout=30))
 except InferenceServerException as error:

@@ -107,21 +107,21 @@ class Front:
         self.config, self.input_limit, self.body_limit = config, input_limit, body_limit
         self.restarts = 0  # counted by the supervisor, shown on the metrics port
         self.backend = None  # the ServeConfig of the tritonserver that answers, None while it is down
-        self._channel = None
+        self.channel = None  # gRPC channel to that tritonserver
         self._servers = []
 
     def connect(self, backend) -> None:
         import grpc
 
         options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-        self._channel = grpc.insecure_channel(f"127.0.0.1:{backend.grpc_port}", options=options)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{backend.grpc_port}", options=options)
         self.backend = backend
 
     def disconnect(self) -> None:
         self.backend = None
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
     def __enter__(self):
         try:
@@ -324,10 +324,11 @@ class _GrpcForwarder:
             return grpc.stream_stream_rpc_method_handler(lambda requests, context: self.stream(method, requests, context))
         return grpc.unary_unary_rpc_method_handler(lambda request, context: self.unary(method, request, context))
 
-    def channel(self, context):
+    def triton(self, context):
+        """The channel to tritonserver; UNAVAILABLE to the client while it is down."""
         import grpc
 
-        channel = self.front._channel
+        channel = self.front.channel
         if channel is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, UNAVAILABLE)
         return channel
@@ -339,7 +340,7 @@ class _GrpcForwarder:
             refusal = grpc_refusal(request, self.front.input_limit)
             if refusal:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
-        call = self.channel(context).unary_unary(method)
+        call = self.triton(context).unary_unary(method)
         try:
             return call(request, timeout=_timeout(context), metadata=_metadata(context))
         except grpc.RpcError as exc:
@@ -359,7 +360,7 @@ class _GrpcForwarder:
                     return
                 yield request
 
-        call = self.channel(context).stream_stream(method)
+        call = self.triton(context).stream_stream(method)
         try:
             yield from call(checked(), timeout=_timeout(context), metadata=_metadata(context))
         except grpc.RpcError as exc:
