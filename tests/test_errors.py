@@ -31,6 +31,7 @@ OLD_BASES = {
     "cmdcl.export.verify.VerificationError": RuntimeError,
     "cmdcl.kernels.aot.AotError": RuntimeError,
     "cmdcl.model.checkpoint.CheckpointError": ValueError,
+    "cmdcl.model.clip.ClipWeightsError": ValueError,  # new with it
     "cmdcl.output_files.OutputError": ValueError,
     "cmdcl.runtime.backends.BackendError": Exception,
     "cmdcl.serve.server.RequestError": ValueError,
