@@ -51,3 +51,14 @@ def test_an_extreme_frame_resized_shows_its_centre_square_only(height, width, pi
         rgb = rgb.transpose(1, 0, 2)  # the long side along the columns
     assert np.abs(rgb[:, :12] - FIRST).max() <= 4 and np.abs(rgb[:, -12:] - SECOND).max() <= 4
     assert rgb.max() <= SECOND + 4  # nothing from outside the square
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (64, 48), (40, 160), (160, 40)])
+def test_an_ordinary_frame_gives_its_centre_after_resizing_the_short_side(height, width):
+    """Within the aspect limit: at size = the short side nothing is resized, so the output is the centre square,
+    pixel for pixel (a crop from a corner keeps the shape and, on frames that vary along one axis only, the look)."""
+    image = coordinates(height, width)
+    short = min(height, width)
+    top, left = (height - short) // 2, (width - short) // 2
+    rgb = frame_to_rgb(av.VideoFrame.from_ndarray(image, format="rgb24"), short)
+    assert np.array_equal(rgb, image[top : top + short, left : left + short])

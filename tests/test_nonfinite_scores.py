@@ -88,3 +88,13 @@ def test_probabilities_of_a_row_with_a_non_finite_logit_are_nan_and_other_rows_a
     assert np.isnan(probabilities[1:]).all()
     expected = 1 / (1 + np.exp(-logits[0])) if multi_label else np.exp(logits[0]) / np.exp(logits[0]).sum()
     assert probabilities[0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf")])
+def test_a_record_with_a_score_that_is_not_finite_is_written_as_an_error_without_labels(score):
+    """valid_record, which every writer goes through, whatever produced the record (a backend, a plugin, a caller)."""
+    from cmdcl.runtime.output import valid_record
+
+    record = valid_record({"video": "v.mp4", "summary": True, "top": [{"label": "a", "score": score}, {"label": "b", "score": 0.1}]})
+    assert record["top"] == [] and record["error"] == NON_FINITE_ERROR
+    json.dumps(record, allow_nan=False)

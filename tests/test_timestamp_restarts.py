@@ -68,3 +68,27 @@ def test_cmdcl_run_records_the_whole_duration_and_the_restarts(tmp_path, tiny_ch
     assert result.exit_code == 0, result.output
     [record] = [json.loads(line) for line in out.read_text().splitlines()]
     assert record["end"] == pytest.approx(6.0) and record["timestamp_restarts"] == 2
+
+
+class Packet:
+    """What _Restarts reads of a demuxed packet."""
+
+    def __init__(self, pts, dts=None, key=False):
+        self.pts, self.dts, self.is_keyframe = pts, dts, key
+
+
+@pytest.mark.parametrize("packets, parts", [
+    # dts going back: a restart, whatever the keyframes
+    ([Packet(0, 0, True), Packet(3, 1), Packet(1, 2), Packet(2, 3), Packet(0, 0, True), Packet(3, 1)], [0, 0, 0, 0, 1, 1]),
+    # no dts (Matroska, raw streams): a keyframe not after every pts before it is a restart...
+    ([Packet(0, key=True), Packet(1), Packet(2), Packet(2, key=True), Packet(3)], [0, 0, 0, 1, 1]),
+    ([Packet(10, key=True), Packet(11), Packet(5, key=True), Packet(6)], [0, 0, 1, 1]),
+    # ...but B-frames' pts going back in decode order are not, with or without dts
+    ([Packet(0, key=True), Packet(3), Packet(1), Packet(2), Packet(6), Packet(4), Packet(5), Packet(7, key=True)], [0] * 8),
+    ([Packet(0, 0, True), Packet(3, 1), Packet(1, 2), Packet(2, 3), Packet(4, 4, True)], [0] * 5),
+])
+def test_restarts_are_found_in_decode_order(packets, parts):
+    from cmdcl.data.video import _Restarts
+
+    restarts = _Restarts()
+    assert [restarts.part(packet) for packet in packets] == parts
