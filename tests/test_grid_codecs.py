@@ -8,7 +8,9 @@ Dense keyframes (every 0.3 s, under the 0.5 s grid step) keep the grid on keyfra
 0.4, 0.3 and 0.4 s, then one of 1.9 s, three times over) make it fall back to full decoding mid-GOP three times, and
 a fourth time at the keyframe (10.7 s) ending a GOP of 0.6 s whose other frames all came within the 0.55 s allowed.
 In the open GOPs, the keyframes where the grid turns to keyframes only (0.7 s after a cycle's start) and those of
-the GOPs it falls back in (1.1 s after) have leading frames on grid times."""
+the GOPs it falls back in (1.1 s after) have leading frames on grid times.
+
+Video mode (both samplings) reads the same files and URLs: each sample is the frame full decoding shows."""
 
 import http.server
 import json
@@ -192,3 +194,24 @@ def test_cmdcl_run_stream_av1_with_sparse_keyframes_gives_the_windows_of_full_de
     for source in (str(path), url):
         record = summary(source)
         assert "error" not in record and record["windows"] == full["windows"] and record["end"] == full["end"]
+
+
+@pytest.mark.parametrize("codec, layout", CASES)
+def test_video_mode_samples_what_full_decoding_shows_for_every_codec(videos, codec, layout):
+    """Video mode on the same files and URLs, both samplings: every sample is the frame full decoding shows at its
+    time; with keyframe sampling, each segment holding a keyframe shows the one nearest its centre."""
+    from cmdcl.data.video import read_clip, segment_times
+    from test_keyframe_sampling import decode_all, expected_keyframes
+
+    path, url = videos[codec, layout]
+    full = decode_all(path, SIZE)  # {pts: image}
+    picks, tb, first = expected_keyframes(path, 8)
+    for sampling in ("exact", "keyframe"):
+        clips = [read_clip(source, 8, SIZE, sampling=sampling) for source in (path, url)]
+        for clip in clips:
+            centres = segment_times(clip.duration, 8)
+            for image, t, key, centre in zip(clip.frames, clip.times, picks, centres):
+                shown = max(pts for pts in full if pts <= first + centre / tb + 1e-6)  # on screen at the segment's centre
+                expected = key if sampling == "keyframe" and key is not None else shown
+                assert round(t / tb) == expected - first and np.array_equal(image, full[expected]), (sampling, t)
+        assert np.array_equal(clips[0].frames, clips[1].frames) and clips[0].frames_decoded == clips[1].frames_decoded
