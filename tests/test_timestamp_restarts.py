@@ -1,5 +1,6 @@
-"""Video mode on files whose timestamps restart or run backwards partway (MPEG-TS segments joined with `cat`,
-spliced recordings): every part is sampled, on one timeline that continues across the restarts."""
+"""Files whose timestamps restart or run backwards partway (MPEG-TS segments joined with `cat`, spliced
+recordings): every part is sampled, on one timeline that continues across the restarts, in video mode and in
+stream mode (whose grid also ends at the last part, and whose reopened HTTP source resumes where it was)."""
 
 import json
 
@@ -8,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cmdcl.cli.run import main
-from cmdcl.data.video import read_clip, write_video
+from cmdcl.data.video import iter_grid_frames, read_clip, write_video
 from test_runtime import tiny_checkpoint  # noqa: F401  (fixture)
 from test_video import frame_index, ramp
 
@@ -92,3 +93,21 @@ def test_restarts_are_found_in_decode_order(packets, parts):
 
     restarts = _Restarts()
     assert [restarts.part(packet) for packet in packets] == parts
+
+
+# ---- stream mode ------------------------------------------------------------------------------------------------
+GRID_RATE = 1.6  # max_gap is 2 s, and a restart goes back 1.9 s: not a gap; the 0.5 s GOPs are dense enough for the keyframe grid
+
+
+@pytest.mark.parametrize("keyframes", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_stream_grid_runs_over_every_part_once(tmp_path, case, keyframes):
+    """Each part continues the grid after the frame on screen: no part is laid over the grid times of the one before
+    (a restart shorter than a gap used to be, so the grid never got past the first part's 2 s), and the grid ends at
+    the last part's last frame (the keyframe grid used to run on to the largest pts of any part: 14 s, not 6 s)."""
+    grid = list(iter_grid_frames(joined(tmp_path, CASES[case]), GRID_RATE, 32, keyframes=keyframes))
+    times, shown = np.array([t for t, _ in grid]), frame_index(np.stack([frame for _, frame in grid]))
+    assert np.allclose(np.diff(times), 1 / GRID_RATE)
+    assert PARTS * PART_FRAMES / RATE - 0.5 <= times[-1] <= PARTS * PART_FRAMES / RATE
+    assert np.all(np.diff(shown) >= 0) and shown[-1] >= PARTS * PART_FRAMES - 5  # every part, in order, to the last GOP
+

@@ -592,14 +592,14 @@ class _KeyframeGate:
         self.nearest: deque = deque(maxlen=MAX_GOP_PACKETS)
         self.leading: set = set()  # pts of the leading frames of the GOP decoded on falling back, until they come
         self.leading_key = None  # the pts of that GOP's keyframe
-        self.last_pts = None  # the latest pts of any packet
+        self.gop_end = None  # the latest pts since the last keyframe (one part's, where timestamps restart at a keyframe)
 
     def decode(self, packet) -> Iterator[tuple]:
         """(frame, nearest) for each frame decoded after `packet`; nearest: a keyframe decoded keyframes-only."""
         timed = bool(packet.size) and packet.pts is not None
         keyframe = timed and packet.is_keyframe
         if timed:
-            self.last_pts = packet.pts if self.last_pts is None else max(self.last_pts, packet.pts)
+            self.gop_end = packet.pts if keyframe or self.gop_end is None else max(self.gop_end, packet.pts)
         if self.keyframes_only and packet.size:
             if keyframe:
                 if not self._short(packet.pts):  # the GOP it ends was too long after all
@@ -664,7 +664,8 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     most once. k counts up by one, except after a gap: when the next frame
     comes more than `max_gap(rate)` after the one on screen, k jumps to that
     frame's time (consumers see the gap as a jump of more than one grid step).
-    A jump backwards in time continues the grid after the frame on screen.
+    A jump backwards in time (longer than a gap, or to a keyframe: timestamps
+    that restart) continues the grid from the frame on screen.
 
     With `keyframes`, once the source's keyframes come at least once per grid
     step (see _KeyframeGate) only keyframes are decoded and each grid time
@@ -733,7 +734,9 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
                         resume_after, progress = None, True
                         first = frame.pts if first is None else first
                         t = shift + (frame.pts - first) * tb
-                        if held is not None and t < held_t - gap:  # timestamps jumped back: go on from the frame on screen
+                        # timestamps jumped back, or restarted (a keyframe before the frame on screen, which no coded
+                        # sequence has): go on from the frame on screen
+                        if held is not None and (t < held_t - gap or (frame.key_frame and t < held_t)):
                             shift, t = shift + held_t - t, held_t
                         if held is not None and t > held_t + gap:  # a gap: end the grid at the held frame, restart it at this one
                             yield from show_held(held_t, inclusive=True)
@@ -755,7 +758,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
                 raise VideoError(source, f"undecodable (no frame decoded){_damage(source)}")
             end = held_t
             if gate.keyframes_only:  # the frames after the last keyframe were not decoded: the grid still runs to the last one
-                end = max(held_t, shift + (gate.last_pts - first) * tb)
+                end = max(held_t, shift + (gate.gop_end - first) * tb)
             yield from show_held(end, inclusive=True)
             if not live:
                 interval = 1 / float(stream.average_rate) if stream.average_rate else 0.0
