@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from cmdcl.cli.run import main
-from cmdcl.data.video import iter_grid_frames, read_clip, write_video
-from test_runtime import tiny_checkpoint  # noqa: F401  (fixture)
+from cmdcl.data.video import Reconnect, VideoError, iter_grid_frames, read_clip, write_video
+from test_runtime import serve_video, tiny_checkpoint  # noqa: F401  (fixture)
 from test_video import frame_index, ramp
 
 PART_FRAMES, RATE, PARTS = 20, 10, 3  # three 2 s parts at 10 fps: frame i of the whole file has grey level 4 * i
@@ -111,3 +111,19 @@ def test_stream_grid_runs_over_every_part_once(tmp_path, case, keyframes):
     assert PARTS * PART_FRAMES / RATE - 0.5 <= times[-1] <= PARTS * PART_FRAMES / RATE
     assert np.all(np.diff(shown) >= 0) and shown[-1] >= PARTS * PART_FRAMES - 5  # every part, in order, to the last GOP
 
+
+def test_reopened_http_source_with_restarts_resumes_without_replaying(tmp_path):
+    """An HTTP file whose connection drops half way each time: a reopened source skips what it read, by position
+    in the file, not by pts (which a later part repeats: each reconnect replayed part one, as progress, for ever)."""
+    data = joined(tmp_path, CASES["restart at the same time"]).read_bytes()
+    server, url, connections = serve_video(data, ["drop"] * 100)
+    grid = []
+    try:
+        with pytest.raises(VideoError, match="gave up after 2 reconnects without progress"):
+            for item in iter_grid_frames(url, 10, 32, Reconnect(tries=2, initial_delay=0.01), sleep=lambda _: None):
+                grid.append(item)
+    finally:
+        server.shutdown()
+    assert len(connections) == 4  # the first read, and three reconnects without progress
+    shown = frame_index(np.stack([frame for _, frame in grid]))
+    assert np.all(np.diff(shown) >= 0) and shown[-1] > PART_FRAMES  # into the second part, nothing replayed

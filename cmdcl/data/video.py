@@ -677,8 +677,8 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     after yielding its frames). A live source that fails to open, errors, stalls
     for `timeout` seconds, or (rtsp, rtmp, udp, srt, devices: sources without an
     end) stops is reopened after a back-off (`reconnect`). A reopened http(s)
-    file skips the frames already read, so nothing is replayed and times stay
-    the file's; a reopened endless source goes on after the wall-clock time it
+    file skips as many frames as were read (a count: pts repeat where
+    timestamps restart), so nothing is replayed and times stay the file's; a reopened endless source goes on after the wall-clock time it
     was away. Reconnects without progress are counted (see Reconnect); too
     many raise VideoError."""
     reconnect, status = reconnect or Reconnect(), status or GridStatus()
@@ -686,6 +686,7 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
     grid_index, failures, run = 0, [], 0  # failures: clock times of reconnects without progress; run: in a row, for the back-off
     held = held_rgb = held_t = held_clock = None  # the frame on screen, its RGB once converted, its time, when it came
     held_nearest = False  # the held frame is a keyframe decoded keyframes-only
+    frames_read = 0  # frames with a pts read from the source: a reopened finite source skips as many
     first, shift = None, 0.0  # shift: seconds added to pts times (backward jumps, endless reconnects)
 
     def back_off(progress: bool, reason: str) -> None:
@@ -723,15 +724,18 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
             gate = _KeyframeGate(tb, 1 / rate, keyframes)
             if endless:  # a new connection, new pts: its first frame comes as long after the held one as the source was away
                 first, shift = None, (held_t + time.monotonic() - held_clock if held is not None else 0.0)
-            resume_after = held.pts if held is not None else None  # a reopened file skips frames up to the last one read
+            skip = 0 if endless else frames_read  # a reopened file skips the frames already read
             progress, dropped = False, None
             try:
                 for packet in container.demux(stream):
                     for frame, nearest in gate.decode(packet):
                         status.frames_decoded += 1
-                        if frame.pts is None or (not endless and resume_after is not None and frame.pts <= resume_after):
+                        if frame.pts is None:
                             continue
-                        resume_after, progress = None, True
+                        if skip:
+                            skip -= 1
+                            continue
+                        frames_read, progress = frames_read + 1, True
                         first = frame.pts if first is None else first
                         t = shift + (frame.pts - first) * tb
                         # timestamps jumped back, or restarted (a keyframe before the frame on screen, which no coded
