@@ -148,6 +148,23 @@ def test_record_writer_keeps_an_interrupted_runs_partial_file_and_never_overwrit
     assert strict_json(out.read_text())["window"] == 0 and not partial_path(out).exists()
 
 
+def test_record_writer_that_cannot_start_leaves_no_partial_file(tmp_path):
+    """A CSV header that does not fit (a full disk; here a file size limit of 0) is one OutputError, and the empty
+    .partial file goes with it: it used to stay, and every later run refused it as "an interrupted run's records".
+    Records on a stdout that is closed are one OutputError too (it was an unexpected AttributeError)."""
+    out = tmp_path / "out.csv"
+    script = ("import resource, sys\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+              "from cmdcl.runtime.output import RecordWriter\n"
+              "RecordWriter(sys.argv[1] or None, sys.argv[2])\n")
+    full = subprocess.run([sys.executable, "-c", script, str(out), "csv"], capture_output=True, text=True, timeout=60)
+    assert full.stderr.splitlines()[-1].endswith("out.csv: cannot write the records: File too large")
+    assert not partial_path(out).exists() and not out.exists()
+    closed = subprocess.run([sys.executable, "-c", script, "", "jsonl"], stderr=subprocess.PIPE, text=True, timeout=60,
+                            preexec_fn=lambda: os.close(1))  # no stdout at all (`>&-`): sys.stdout is None
+    assert "OutputError: stdout: " in closed.stderr.splitlines()[-1], closed.stderr
+
+
 def test_symlinked_and_pipe_outputs_are_written_through_not_replaced(tmp_path):
     """`-o latest.jsonl` (a link to runs/a.jsonl) keeps the link; `-o /dev/null` or a named pipe is never replaced."""
     import stat

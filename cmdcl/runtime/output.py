@@ -92,6 +92,8 @@ class RecordWriter:
             except OSError as exc:
                 raise OutputError(f"{self.partial}: cannot write: {exc.strerror or exc}") from None
             self.file = open(fd, "wb", buffering=0)  # unbuffered: `written` is what the file holds
+        elif sys.stdout is None:  # started with stdout closed (`>&-`)
+            raise OutputError("stdout: cannot write the records: stdout is closed")
         else:
             sys.stdout.flush()
             self.file = sys.stdout.buffer
@@ -99,7 +101,11 @@ class RecordWriter:
             self.buffer = io.StringIO()
             self.csv = csv.DictWriter(self.buffer, CSV_COLUMNS)
             self.csv.writeheader()
-            self._emit_csv()
+            try:
+                self._emit_csv()
+            except OutputError:  # the header does not fit (a full disk): no empty .partial file is left to block the next run
+                self.close(finished=False)
+                raise
 
     def write(self, record: dict) -> dict:
         """Write one record; returns it as written (see `valid_record`)."""
