@@ -69,3 +69,24 @@ def test_cli(tmp_path):
     assert (tmp_path / "manifest.csv").is_file() and (tmp_path / "actions.txt").is_file()
     bad = CliRunner().invoke(synth_cli, ["--out", str(tmp_path), "--videos", "2", "--size", "33"])
     assert bad.exit_code == 1 and "size must be even" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_reruns_over_its_own_interrupted_output(tmp_path, monkeypatch):
+    """A run stopped after some videos (Ctrl-C) left videos but not yet actions.txt, which marks the folder as
+    cmdcl-synth's: the rerun refused the folder as "not from cmdcl-synth". The marker is written first."""
+    import cmdcl.data.synth as synth
+
+    written = []
+
+    def write_then_stop(path, frames, rate):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path.write_bytes(b"video"))
+
+    monkeypatch.setattr(synth, "write_video", write_then_stop)
+    interrupted = CliRunner().invoke(synth_cli, ["--out", str(tmp_path), "--videos", "4", "--size", "32"])
+    assert interrupted.exit_code == 130 and (tmp_path / "train_00000.mp4").exists()
+    monkeypatch.undo()
+    rerun = CliRunner().invoke(synth_cli, ["--out", str(tmp_path), "--videos", "4", "--size", "32"])
+    assert rerun.exit_code == 0, rerun.output
+    assert len(read_manifest(tmp_path / "manifest.csv").entries) == 4

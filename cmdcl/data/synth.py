@@ -188,6 +188,7 @@ def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg:
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "actions.txt").write_text("\n".join(ATOMIC_ACTIONS) + "\n")  # first: marks the folder as ours, also if stopped early
     names = list(ACTIVITIES)
     order = rng.permutation(np.arange(videos) % len(names))
     entries, backgrounds = [], []
@@ -202,7 +203,6 @@ def generate(out: str | Path, videos: int, seed: int, split: str = "train", cfg:
         backgrounds.append((name, BACKGROUNDS[background][1]))
     manifest = write_manifest(VideoDataset(entries, names, False, str(out)), out / "manifest.csv")
     (out / "classes.txt").write_text("\n".join(names) + "\n")
-    (out / "actions.txt").write_text("\n".join(ATOMIC_ACTIONS) + "\n")
     with open(out / "backgrounds.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([("video", "label"), *backgrounds])
     return manifest
