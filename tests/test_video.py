@@ -187,6 +187,23 @@ def test_bad_files_raise_video_error_naming_file_and_reason(tmp_path, kind):
     assert str(info.value).startswith(f"{path}: ")
 
 
+def test_frames_without_timestamps_are_named_so_in_both_modes(tmp_path):
+    """A raw H.264 stream (a camera's .h264) decodes, but none of its frames has a pts; stream mode said
+    "no frame decoded", as for a file that does not decode at all."""
+    path = tmp_path / "raw.h264"
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for image in ramp(10):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    for read in (lambda: read_clip(path, 4, 32), lambda: list(iter_grid_frames(path, rate=4, size=32))):
+        with pytest.raises(VideoError, match="no video frames with timestamps"):
+            read()
+
+
 def test_video_mode_refuses_endless_sources():
     with pytest.raises(VideoError, match="rtsp://127.0.0.1:9/cam: a live stream has no end"):
         read_clip("rtsp://127.0.0.1:9/cam", 4, 32)

@@ -759,7 +759,8 @@ def iter_grid_frames(source, rate: float, size: int, reconnect: Reconnect | None
                 back_off(progress, f"stream dropped: {dropped}")
                 continue
             if held is None:
-                raise VideoError(source, f"undecodable (no frame decoded){_damage(source)}")
+                what = "no video frames with timestamps" if status.frames_decoded else "no frame decoded"  # (a raw .h264 stream)
+                raise VideoError(source, f"undecodable ({what}){_damage(source)}")
             end = held_t
             if gate.keyframes_only:  # the frames after the last keyframe were not decoded: the grid still runs to the last one
                 end = max(held_t, shift + (gate.gop_end - first) * tb)
