@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cmdcl.cli.errors import Terminated
 from cmdcl.output_files import OutputError, atomic_write, check_outputs, same_file
 from cmdcl.runtime.output import NON_FINITE_ERROR, RecordWriter, partial_path
 from conftest import default_sigint
@@ -302,6 +303,21 @@ def test_ctrl_c_or_sigterm_ends_the_run_and_the_records_so_far_are_the_output(si
     lines = out.read_text().splitlines()
     assert len(lines) >= 3 and all(isinstance(strict_json(line), dict) for line in lines)
     assert not partial_path(out).exists()
+
+
+@pytest.mark.parametrize("stop, status, stopped", [(KeyboardInterrupt, 130, "interrupted"),
+                                                   (Terminated, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_while_the_inputs_are_listed_is_the_documented_status(stop, status, stopped, monkeypatch):
+    """Listing a large directory takes a while; a Ctrl-C or SIGTERM then was click's "Aborted!", status 1."""
+    import cmdcl.runtime.recognizer as recognizer
+    from cmdcl.cli.run import main
+
+    def listing_stopped(inputs):
+        raise stop
+
+    monkeypatch.setattr(recognizer, "expand_inputs", listing_stopped)
+    result = invoke(main, ["videos/"])
+    assert result.exit_code == status and result.stderr.strip() == f"cmdcl-run: {stopped}"
 
 
 def test_a_failing_record_write_is_one_line(videos, tiny_checkpoint):  # noqa: F811

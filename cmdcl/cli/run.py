@@ -78,17 +78,6 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
 
     end_on_sigterm()
     fmt = fmt or next((f for f in ("json", "csv") if output and output.lower().endswith("." + f)), "jsonl")
-    sources = expand_inputs(inputs)
-    if not sources:
-        raise click.UsageError("no video files found in the given directories")
-    if overlay and len(sources) != 1:
-        raise click.UsageError("--overlay takes exactly one input")
-    if (window or stride or plot) and mode != "stream":
-        raise click.UsageError("--window, --stride and --plot need --mode stream")
-    if (workers or sampling) and mode != "video":
-        raise click.UsageError("--workers and --sampling apply to --mode video (stream mode reads each source in its own reader)")
-    if grid_decode and mode != "stream":
-        raise click.UsageError("--decode applies to --mode stream")
     outputs = [("--output", output), ("--output's temporary file", output and partial_path(output)), ("--plot", plot),
                ("--overlay", overlay)]
     writer, records, failed = None, [], 0
@@ -96,7 +85,18 @@ def main(inputs, engine, backend, device, mode, window, stride, top_k, threshold
     def records_so_far():  # Ctrl-C is how a live stream ends: the records written until then are the output
         return f"; the records so far are in {output}" if output and writer is not None and writer.count else ""
 
-    with cli_errors("cmdcl-run", debug, interrupted=records_so_far):
+    with cli_errors("cmdcl-run", debug, interrupted=records_so_far):  # from here on, Ctrl-C and SIGTERM end it as documented
+        sources = expand_inputs(inputs)  # (a large directory takes a while)
+        if not sources:
+            raise click.UsageError("no video files found in the given directories")
+        if overlay and len(sources) != 1:
+            raise click.UsageError("--overlay takes exactly one input")
+        if (window or stride or plot) and mode != "stream":
+            raise click.UsageError("--window, --stride and --plot need --mode stream")
+        if (workers or sampling) and mode != "video":
+            raise click.UsageError("--workers and --sampling apply to --mode video (stream mode reads each source in its own reader)")
+        if grid_decode and mode != "stream":
+            raise click.UsageError("--decode applies to --mode stream")
         # before the model loads: a clash or an unwritable output is found at once
         # (without --engine, the demo model: in cmdcl's cache, where check_outputs lets no output go)
         check_outputs(outputs, [*(model_files(engine, "the --engine model") if engine else []),
