@@ -204,6 +204,62 @@ while not results.empty():
 """
 
 
+@pytest.mark.parametrize("drip", [b"POST /v2/models/cmdcl/infer HTTP/1.1\r\nX-Slow: ",  # headers never finished
+                                   b"POST /v2/models/cmdcl/infer HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{"],  # nor the body
+                         ids=["headers", "body"])
+def test_slow_clients_holding_every_connection_do_not_lock_others_out(server, drip):
+    """Slowloris: more connections than the front serves at once (512), each started and then left silent. Every new
+    client evicts the one that waited longest for its client, so good requests are answered all along."""
+    sockets = []
+    try:
+        for _ in range(600):
+            sock = socket.create_connection(("127.0.0.1", int(server["base"].rsplit(":", 1)[1])), timeout=10)
+            sock.sendall(drip)
+            sockets.append(sock)
+        for _ in range(3):
+            assert answers(f"{server['base']}/v2/health/ready") == 200 and served(server["base"])
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert restarts(server) == 0
+
+
+GRPC_IDLE_STREAMS = """
+import sys, grpc, tritonclient.grpc as tc
+from tritonclient.grpc import service_pb2
+channel = grpc.insecure_channel(sys.argv[1])
+stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                               request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                               response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+never = __import__("threading").Event()
+idle = [stream(iter(never.wait, True), timeout=120) for _ in range(int(sys.argv[2]))]  # streams that never send a message
+client = tc.InferenceServerClient(sys.argv[1])
+for _ in range(3):
+    frames = tc.InferInput("frames", [1, 4, 32, 32, 3], "UINT8")
+    frames._raw_content = bytes(4 * 32 * 32 * 3)
+    print("unary", list(client.infer("cmdcl", [frames], client_timeout=30).as_numpy("logits").shape), flush=True)
+results = __import__("queue").Queue()
+client.start_stream(callback=lambda result, error: results.put((result, error)), stream_timeout=30)
+client.async_stream_infer("cmdcl", [frames])
+result, error = results.get(timeout=30)
+print("stream", error or list(result.as_numpy("logits").shape), flush=True)
+client.stop_stream()
+cancelled = 0
+for call in idle:
+    cancelled += call.code() is grpc.StatusCode.CANCELLED if call.done() else 0
+    call.cancel()
+print("evicted", cancelled > 0)
+"""
+
+
+def test_idle_grpc_streams_do_not_lock_other_calls_out(server):
+    """More idle ModelStreamInfer streams than the front runs at once (16 streams, 64 unary calls): unary calls keep
+    their threads, and a new stream evicts the one idle longest."""
+    result = run_serve_python("-c", GRPC_IDLE_STREAMS, f"127.0.0.1:{server['grpc']}", 90, timeout=120)
+    assert result.stdout.splitlines() == ["unary [1, 3]"] * 3 + ["stream [1, 3]", "evicted True"], result.stdout + result.stderr[-2000:]
+    assert served(server["base"]) and restarts(server) == 0
+
+
 def restarts(server) -> int:
     """cmdcl_serve_restarts_total on the metrics port."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server['metrics']}/metrics", timeout=10) as response:

@@ -17,6 +17,11 @@ model functions only see the truncated shape, so the check is here:
   reads the first, Python the last), a binary header length within the body;
 - HTTP bodies come with a Content-Length up to `body_limit`, uncompressed.
 
+Connections and streams are bounded (a thread each), and a client that holds them
+without sending a request (slowloris: headers or a body dripped byte by byte, idle
+gRPC streams) cannot lock others out: when all are taken, a new one evicts the one
+that has waited longest for its client, never one whose request is under way.
+
 Everything else (wrong dtype, shape or batch) is still Triton's to refuse, with
 its own messages. While tritonserver is down or restarting, the front answers
 503 (HTTP, also /v2/health/ready) or UNAVAILABLE (gRPC) at once. With metrics on,
@@ -32,14 +37,17 @@ import math
 import socket
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DIM_LIMIT = 2**31  # Triton 2.51 casts the batch dimension to 32 bits (and compares it as a signed int)
 INPUT_LIMIT = 64 * 2**20  # bytes an input may declare, unless a valid input is larger (newer Triton's default)
-CONNECTIONS = 512  # HTTP connections at once (a thread each, and one to tritonserver); more are closed at once
+CONNECTIONS = 512  # HTTP connections at once (a thread each, and one to tritonserver); see _HttpServer.evict
 IDLE_S = 30  # an HTTP connection silent this long is closed
-GRPC_CALLS = 64  # gRPC calls at once (a thread each: a stream holds its thread); more get RESOURCE_EXHAUSTED
+EVICT_WAIT_S = 2.0  # how long a new HTTP connection waits for the one it evicted to let go of its thread
+GRPC_CALLS = 64  # unary gRPC calls at once (a thread each); more get RESOURCE_EXHAUSTED
+GRPC_STREAMS = 16  # ModelStreamInfer streams at once (each holds a thread while it lasts); see _GrpcForwarder.admit
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
                "UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade",
@@ -150,8 +158,9 @@ class Front:
     def _serve_grpc(self):
         import grpc
 
-        server = grpc.server(ThreadPoolExecutor(max_workers=GRPC_CALLS, thread_name_prefix="cmdcl-serve-front-grpc"),
-                             handlers=[_GrpcForwarder(self)], maximum_concurrent_rpcs=GRPC_CALLS,
+        calls = GRPC_CALLS + GRPC_STREAMS  # streams beyond GRPC_STREAMS evict one (_GrpcForwarder.admit): unary calls keep theirs
+        server = grpc.server(ThreadPoolExecutor(max_workers=calls, thread_name_prefix="cmdcl-serve-front-grpc"),
+                             handlers=[_GrpcForwarder(self)], maximum_concurrent_rpcs=calls,
                              options=[("grpc.max_receive_message_length", self.body_limit),
                                       ("grpc.max_send_message_length", -1)])
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
@@ -181,13 +190,32 @@ class _HttpServer(ThreadingHTTPServer):
         self.front = front
         self.slots = threading.BoundedSemaphore(CONNECTIONS)
         self.connections = threading.local()  # each handler thread's connection to tritonserver
+        # each client connection's socket -> (what it waits for, since when): "client" while it waits for the client
+        # (the next request, its headers or body), "triton" while its request is with tritonserver or being answered
+        self.waiting: dict = {}
+        self.waiting_lock = threading.Lock()
         self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][0]
         super().__init__(address, handler)
 
+    def waits_for(self, sock, party: str) -> None:
+        with self.waiting_lock:
+            self.waiting[sock] = party, time.monotonic()
+
+    def evict(self) -> None:
+        """Free a slot: close the connection that has waited longest for its client (an idle keep-alive, or a client
+        dripping its headers or body), never one whose request is with tritonserver. Its thread ends at once."""
+        with self.waiting_lock:
+            idle = [(since, id(sock), sock) for sock, (party, since) in self.waiting.items() if party == "client"]
+        if idle:
+            with contextlib.suppress(OSError):
+                min(idle)[2].shutdown(socket.SHUT_RDWR)
+
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            self.evict()
+            if not self.slots.acquire(timeout=EVICT_WAIT_S):
+                self.shutdown_request(request)
+                return
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -198,6 +226,8 @@ class _HttpServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self.waiting_lock:
+                self.waiting.pop(request, None)
             self.slots.release()
 
     def handle_error(self, request, client_address):
@@ -218,6 +248,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self):
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers, then body: no Nagle wait
+
+    def handle_one_request(self):
+        self.server.waits_for(self.connection, "client")  # for the next request line, headers and body
+        super().handle_one_request()
 
     def log_message(self, format, *args):  # Triton logs the requests that reach it
         pass
@@ -278,6 +312,7 @@ class _ApiHandler(_Handler):
         if len(body) < int(length):
             self.close_connection = True
             return
+        self.server.waits_for(self.connection, "triton")
         refusal = body_refusal(body, self.headers.get("Inference-Header-Content-Length"), front.input_limit)
         if refusal:
             return self.error(400, refusal)
@@ -313,6 +348,23 @@ class _GrpcForwarder:
 
     def __init__(self, front):
         self.front = front
+        self.streams: dict = {}  # the context of each stream -> when its client last sent a message
+        self.streams_lock = threading.Lock()
+
+    def admit(self, context) -> None:
+        """Count a new stream in; when GRPC_STREAMS are open, cancel the one whose client has been silent longest
+        (idle streams cannot lock others out; the newest stream always gets in)."""
+        with self.streams_lock:
+            if len(self.streams) >= GRPC_STREAMS:
+                idlest = min(self.streams, key=self.streams.get)
+                del self.streams[idlest]
+                idlest.cancel()
+            self.streams[context] = time.monotonic()
+
+    def heard_from(self, context) -> None:
+        with self.streams_lock:
+            if context in self.streams:
+                self.streams[context] = time.monotonic()
 
     def service(self, details):
         import grpc
@@ -354,17 +406,25 @@ class _GrpcForwarder:
 
         def checked():
             for request in requests:
+                self.heard_from(context)
                 refusal = grpc_refusal(request, self.front.input_limit)
                 if refusal:
                     refused.append(refusal)
                     return
                 yield request
 
-        call = self.triton(context).stream_stream(method)
+        channel = self.triton(context)
+        self.admit(context)
         try:
-            yield from call(checked(), timeout=_timeout(context), metadata=_metadata(context))
+            responses = channel.stream_stream(method)(checked(), timeout=_timeout(context), metadata=_metadata(context))
+            context.add_callback(responses.cancel)  # the client went away, or its stream was evicted: so does this call
+            yield from responses
         except grpc.RpcError as exc:
-            context.abort(exc.code(), exc.details())
+            if context.is_active():
+                context.abort(exc.code(), exc.details())
+        finally:
+            with self.streams_lock:
+                self.streams.pop(context, None)
         if refused:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[0])
 
