@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -151,6 +152,18 @@ def test_front_checks_shapes_and_json_as_triton_reads_them():
     for length in ("-1", "1e3", str(len(body) + 1), "99999999999999999999"):
         assert "is not a length within the body" in body_refusal(body, length, limit)
     assert "nested too deeply" in body_refusal(b"[" * 5000 + b"]" * 5000, None, limit)
+
+
+def test_the_bodies_the_front_holds_at_once_are_bounded(monkeypatch):
+    """A body is read only once its Content-Length fits the front's byte budget; a request that finds no room within
+    BODY_WAIT_S gets a 503, so 512 clients each sending the largest body cannot exhaust memory."""
+    from cmdcl.serve import front
+
+    monkeypatch.setattr(front, "BODY_WAIT_S", 0.2)
+    budget = front._ByteBudget(100)
+    assert budget.take(60) and not budget.take(60)
+    threading.Timer(0.05, budget.give, [60]).start()  # a body forwarded meanwhile makes room
+    assert budget.take(60) and budget.take(40) and not budget.take(1)
 
 
 def test_batch_of_2_32_and_more_gets_a_one_line_error_without_our_paths(server):

@@ -46,6 +46,8 @@ INPUT_LIMIT = 64 * 2**20  # bytes an input may declare, unless a valid input is 
 CONNECTIONS = 512  # HTTP connections at once (a thread each, and one to tritonserver); see _HttpServer.evict
 IDLE_S = 30  # an HTTP connection silent this long is closed
 EVICT_WAIT_S = 2.0  # how long a new HTTP connection waits for the one it evicted to let go of its thread
+BODIES_HELD, BODIES_MIN_BYTES = 2, 2**30  # HTTP bodies held at once: two of the largest, or 1 GiB (see _ByteBudget)
+BODY_WAIT_S = 10  # how long a request waits for room for its body before a 503
 GRPC_CALLS = 64  # unary gRPC calls at once (a thread each); more get RESOURCE_EXHAUSTED
 GRPC_STREAMS = 16  # ModelStreamInfer streams at once (each holds a thread while it lasts); see _GrpcForwarder.admit
 DTYPE_BYTES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2, "BF16": 2,
@@ -113,6 +115,9 @@ class Front:
 
     def __init__(self, config, input_limit: int, body_limit: int):
         self.config, self.input_limit, self.body_limit = config, input_limit, body_limit
+        self.bodies = _ByteBudget(max(BODIES_HELD * body_limit, BODIES_MIN_BYTES))
+        # a gRPC message holds its tensors as bytes (or packed numbers, at most 2 bytes per uint8), not as JSON text
+        self.message_limit = min(body_limit, 2 * input_limit + 2**20)
         self.restarts = 0  # counted by the supervisor, shown on the metrics port
         self.backend = None  # the ServeConfig of the tritonserver that answers, None while it is down
         self.channel = None  # gRPC channel to that tritonserver
@@ -161,7 +166,7 @@ class Front:
         calls = GRPC_CALLS + GRPC_STREAMS  # streams beyond GRPC_STREAMS evict one (_GrpcForwarder.admit): unary calls keep theirs
         server = grpc.server(ThreadPoolExecutor(max_workers=calls, thread_name_prefix="cmdcl-serve-front-grpc"),
                              handlers=[_GrpcForwarder(self)], maximum_concurrent_rpcs=calls,
-                             options=[("grpc.max_receive_message_length", self.body_limit),
+                             options=[("grpc.max_receive_message_length", self.message_limit),
                                       ("grpc.max_send_message_length", -1)])
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         server.add_insecure_port(f"{host}:{self.config.grpc_port}")
@@ -172,6 +177,27 @@ class Front:
         return (b"# HELP cmdcl_serve_restarts_total Times cmdcl-serve started tritonserver again after it stopped on its own\n"
                 b"# TYPE cmdcl_serve_restarts_total counter\n"
                 b"cmdcl_serve_restarts_total %d\n" % self.restarts)
+
+
+class _ByteBudget:
+    """The bytes of HTTP bodies the front holds at once (each is read whole, checked, then forwarded): a body is
+    read only once its Content-Length fits, so memory stays bounded however many clients send large bodies."""
+
+    def __init__(self, total: int):
+        self.free, self.changed = total, threading.Condition()
+
+    def take(self, size: int) -> bool:
+        """Reserve `size` bytes, waiting up to BODY_WAIT_S; False if they never came free."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.free >= size, BODY_WAIT_S):
+                return False
+            self.free -= size
+            return True
+
+    def give(self, size: int) -> None:
+        with self.changed:
+            self.free += size
+            self.changed.notify_all()
 
 
 class _GrpcServer:
@@ -308,8 +334,19 @@ class _ApiHandler(_Handler):
         if refusal:  # the body is left unread: the connection cannot carry another request
             self.close_connection = True
             return self.error(*refusal)
-        body = self.rfile.read(int(length))
-        if len(body) < int(length):
+        if not front.bodies.take(int(length)):
+            self.close_connection = True
+            return self.error(503, "too many request bodies in the server at once; try again")
+        try:
+            self.check_and_forward(front, int(length))
+        finally:
+            front.bodies.give(int(length))
+
+    do_POST = do_GET
+
+    def check_and_forward(self, front, length: int):
+        body = self.rfile.read(length)
+        if len(body) < length:
             self.close_connection = True
             return
         self.server.waits_for(self.connection, "triton")
@@ -323,8 +360,6 @@ class _ApiHandler(_Handler):
             self.answer(*self.forward(backend.http_port, body if body or self.command == "POST" else None))
         except OSError:  # tritonserver stopped meanwhile
             self.error(503, UNAVAILABLE)
-
-    do_POST = do_GET
 
 
 class _MetricsHandler(_Handler):
