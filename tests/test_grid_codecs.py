@@ -26,6 +26,7 @@ from cmdcl.cli.run import main as run_main
 from cmdcl.data.video import GridStatus, Reconnect, frame_to_rgb, iter_grid_frames
 from cmdcl.runtime import Recognizer
 from test_runtime import moving_square, tiny_checkpoint  # noqa: F401  (fixture)
+from test_stream_readers import encode_keyed
 from test_stream_reliability import EchoBackend
 
 RATE = 10  # frames per second of the test videos
@@ -46,22 +47,6 @@ CODECS = {
 }
 OPEN_GOP = {"h264-open-gop", "hevc-open-gop"}  # frames shown before a keyframe (leading frames) need the GOP before it
 CASES = [(codec, layout) for codec in CODECS for layout in ("dense", "sparse") if codec != "mjpeg" or layout == "dense"]
-
-
-def encode(path, encoder, options, pix_fmt, count, keyframes):
-    """`count` frames of a square moving over noise, keyframes exactly at the indices given."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(encoder, rate=RATE, options=options)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
-        stream.codec_context.gop_size = 100_000  # no keyframes but ours
-        for i, image in enumerate(moving_square(count, 1, 48, 64)):
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pict_type = av.video.frame.PictureType.I if i in keyframes else av.video.frame.PictureType.NONE
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):
@@ -102,7 +87,9 @@ def videos(tmp_path_factory):
     made = {}
     for codec, layout in CASES:
         encoder, suffix, options, pix_fmt = CODECS[codec]
-        path = encode(folder / f"{codec}-{layout}.{suffix}", encoder, options, pix_fmt, *(DENSE if layout == "dense" else SPARSE))
+        count, keyframes = DENSE if layout == "dense" else SPARSE  # a square moving over noise
+        path = encode_keyed(folder / f"{codec}-{layout}.{suffix}", moving_square(count, 1, 48, 64), keyframes, RATE, encoder, options,
+                            pix_fmt)
         server.files[f"/{path.name}"] = path.read_bytes()
         made[codec, layout] = path, f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
     threading.Thread(target=server.serve_forever, daemon=True).start()

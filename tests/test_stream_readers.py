@@ -32,12 +32,19 @@ LEVELS = 80  # frame i is grey level 3 * (i % LEVELS)
 
 def keyed_video(path, count, keyframes, rate=RATE):
     """`count` flat grey frames, frame i at level 3 * (i % LEVELS), with keyframes (IDR) exactly at the indices given."""
+    images = (np.full((48, 64, 3), 3 * (i % LEVELS), np.uint8) for i in range(count))
+    return encode_keyed(path, images, keyframes, rate)
+
+
+def encode_keyed(path, images, keyframes, rate, encoder="libx264", options=None, pix_fmt="yuv420p"):
+    """`images` (uint8 [48, 64, 3]) encoded with keyframes exactly at the indices in `keyframes` and nowhere else."""
+    options = {"forced-idr": "1", "scenecut": "0"} if options is None else options
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"forced-idr": "1", "scenecut": "0"})
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream = container.add_stream(encoder, rate=rate, options=options)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, pix_fmt
         stream.codec_context.gop_size = 100_000  # no keyframes but ours
-        for i in range(count):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * (i % LEVELS), np.uint8), format="rgb24")
+        for i, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pict_type = av.video.frame.PictureType.I if i in keyframes else av.video.frame.PictureType.NONE
             for packet in stream.encode(frame):
                 container.mux(packet)
