@@ -1,5 +1,5 @@
-"""Does the test suite catch deliberate bugs? A mutation check over sampling, the stream grid, drops, gaps, bounds
-and outputs (issue 21): each mutation below changes one line of the package the way a plausible bug would, the tests
+"""Does the test suite catch deliberate bugs? A mutation check over sampling, the stream grid, drops, gaps, bounds,
+outputs and the serving front (issue 21): each mutation below changes one line of the package the way a plausible bug would, the tests
 named with it run against the changed copy, and the mutation counts as caught when they fail.
 
     .venv/bin/python benchmarks/mutation_check.py [--only SUBSTRING] [--json results.json]
@@ -87,7 +87,7 @@ MUTATIONS = [
     Mutation("grid", "keyframes count as dense up to two grid steps apart", VIDEO,
              "self.limit = step * (1 + KEYFRAME_SLACK)", "self.limit = step * 2", GRID_TESTS + ("tests/test_stream_readers.py",)),
     Mutation("grid", "keyframes-only: the grid stops at the last keyframe, not at the last frame", VIDEO,
-             "end = max(held_t, shift + (gate.last_pts - first) * tb)", "end = held_t", GRID_TESTS + ("tests/test_stream_readers.py",)),
+             "end = max(held_t, shift + (gate.gop_end - first) * tb)", "end = held_t", GRID_TESTS + ("tests/test_stream_readers.py",)),
     Mutation("grid", "a window's F positions at the starts of their segments, not the centres", ARTIFACTS,
              "return [(2 * j + 1) * span // (2 * num_frames) for j in range(num_frames)]",
              "return [j * span // num_frames for j in range(num_frames)]", GRID_TESTS + ("tests/test_artifacts.py",)),
@@ -95,6 +95,11 @@ MUTATIONS = [
              "self.fresh or self.new >= stride_frames", "self.fresh or self.new > stride_frames", GRID_TESTS),
     Mutation("grid", "a window record ends at its last frame's time, not one grid step later", RECOGNIZER,
              "\"end\": round(last.t + step, 3)", "\"end\": round(last.t, 3)", GRID_TESTS + ("tests/test_cli_run.py",)),
+    Mutation("grid", "timestamps restarting by less than a gap lay a part over the one before", VIDEO,
+             "(t < held_t - gap or (frame.key_frame and t < held_t))", "t < held_t - gap",
+             ("tests/test_timestamp_restarts.py", "tests/test_stream_reliability.py")),
+    Mutation("grid", "a reopened HTTP file replays the frames already read", VIDEO,
+             "skip = 0 if endless else frames_read", "skip = 0", ("tests/test_timestamp_restarts.py", "tests/test_stream_reliability.py")),
     # ---- gaps
     Mutation("gaps", "the longest bridged jump is the shorter of 3 steps and 2 s", VIDEO,
              "return max(GAP_GRID_STEPS / rate, GAP_SECONDS)", "return min(GAP_GRID_STEPS / rate, GAP_SECONDS)", GRID_TESTS),
@@ -169,6 +174,11 @@ MUTATIONS = [
              "if isinstance(item, float) and not math.isfinite(item):\n            return None",
              "if False:\n            return None",
              ("tests/test_training_diverged.py", "tests/test_option_bounds.py", "tests/test_train.py")),
+    # ---- the serving front
+    Mutation("serving", "a declared batch of 2^32 or more reaches Triton", "cmdcl/serve/front.py",
+             "0 <= d < DIM_LIMIT", "0 <= d", ("tests/test_serve_hostile.py",)),
+    Mutation("serving", "slow clients holding every connection are never evicted", "cmdcl/serve/front.py",
+             "            self.evict()\n", "            pass\n", ("tests/test_serve_hostile.py",)),
 ]
 
 
