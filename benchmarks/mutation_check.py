@@ -184,7 +184,8 @@ MUTATIONS = [
 
 def run_tests(tree: Path, tests: tuple, timeout: float) -> tuple[str, float]:
     """('caught' | 'survived', seconds) of the tests run in `tree`."""
-    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+    # the serving tests run the serving venv of this checkout (the scratch tree has none); PYTHONPATH makes it import the tree
+    env = {"CMDCL_SERVE_VENV": str(ROOT / ".venv-serve"), **os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.monotonic()
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tree, env=env,
