@@ -236,10 +236,11 @@ class _Timeline:
     time base (a part's pts plus its offset), so a stream without restarts keeps its own pts."""
 
     def __init__(self, parts: list, step: int):
-        self.offsets, self.members = [0], [set(parts[0])]  # members: each part's pts, to follow decoded frames
+        self.offsets = [0]
         for previous, part in zip(parts, parts[1:]):
             self.offsets.append(self.offsets[-1] + max(previous) + step - min(part))
-            self.members.append(set(part))
+        # each part's pts, to follow decoded frames from part to part (not kept for the usual file of one part)
+        self.members = [set(part) for part in parts] if len(parts) > 1 else []
 
     @property
     def restarts(self) -> int:
@@ -260,10 +261,10 @@ class _Timeline:
         def position(pts):
             nonlocal part, last
             if last is not None and (pts < last or pts not in self.members[part]):
-                later = [i for i in range(part + 1, len(self.members)) if pts in self.members[i]]
-                if not later:
+                later = next((i for i in range(part + 1, len(self.members)) if pts in self.members[i]), None)
+                if later is None:
                     return None
-                part = later[0]
+                part = later
             last = pts
             return pts + self.offsets[part]
 
