@@ -147,16 +147,21 @@ def written(path, data):
     return path
 
 
-def faststart_mp4(path):
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+def encode_ramp(path, frames, **open_options):
+    """`frames` frames of the ramp as H.264 at 10 fps, the container opened with `open_options` (format, options)."""
+    with av.open(str(path), "w", **open_options) as container:
         stream = container.add_stream("libx264", rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for image in ramp(30):
+        for image in ramp(frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def faststart_mp4(path):
+    return encode_ramp(path, 30, options={"movflags": "faststart"})
 
 
 BAD_FILES = {
@@ -190,15 +195,7 @@ def test_bad_files_raise_video_error_naming_file_and_reason(tmp_path, kind):
 def test_frames_without_timestamps_are_named_so_in_both_modes(tmp_path):
     """A raw H.264 stream (a camera's .h264) decodes, but none of its frames has a pts; stream mode said
     "no frame decoded", as for a file that does not decode at all."""
-    path = tmp_path / "raw.h264"
-    with av.open(str(path), "w", format="h264") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for image in ramp(10):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = encode_ramp(tmp_path / "raw.h264", 10, format="h264")
     for read in (lambda: read_clip(path, 4, 32), lambda: list(iter_grid_frames(path, rate=4, size=32))):
         with pytest.raises(VideoError, match="no video frames with timestamps"):
             read()
